@@ -1,0 +1,49 @@
+# kubetune developer entry points. Everything a target needs is installed by the target itself:
+# a virtualenv in .venv (pip cache reused), Go-built binaries cached under ~/.cache/kubetune/bin.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Extra pip arguments, e.g. a CPU-only torch wheel index elsewhere:
+#   make venv PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help venv binaries cluster-up cluster-down cluster-status lint test demo crds
+
+help:
+	@echo "make demo          bring up the local cluster + S3 and show how to use it"
+	@echo "make test          lint, type-check and run the whole test suite"
+	@echo "make cluster-up    start the local control plane, process node and S3 server"
+	@echo "make cluster-down  stop them and forget their state"
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(PIP_ARGS) -e '.[operator,trainer,dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+binaries:
+	bash tests/localenv/build-binaries.sh
+
+cluster-up: venv
+	$(PY) tests/localenv/cluster.py up
+
+cluster-down:
+	@if [ -x $(PY) ]; then $(PY) tests/localenv/cluster.py down; else python3 tests/localenv/cluster.py down; fi
+
+cluster-status:
+	$(PY) tests/localenv/cluster.py status
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint cluster-up
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: cluster-up
+	@echo "The FineTuneJob demo is not built yet; the local cluster above is ready to use."

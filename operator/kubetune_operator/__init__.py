@@ -1,0 +1,1 @@
+"""kubetune operator: reconciles FineTuneJobs into batch/v1 Jobs."""

@@ -1,0 +1,1 @@
+"""kubetune trainer: the program inside the fine-tuning pod."""
