@@ -1,0 +1,329 @@
+"""Load and validate training records before any GPU work.
+
+A bad record should fail the job in seconds on the CPU with a message that points at the
+file, the line and the field, not an hour later inside the training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, get_args
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping, Sequence
+
+RecordFormat = Literal["chat", "instruction", "prompt-completion", "text"]
+FormatOption = Literal["auto", "chat", "instruction", "prompt-completion", "text"]
+
+RECORD_FORMATS: Final[tuple[RecordFormat, ...]] = get_args(RecordFormat)
+CHAT_ROLES: Final[tuple[str, ...]] = ("system", "user", "assistant")
+DATA_SUFFIXES: Final[frozenset[str]] = frozenset({".jsonl", ".json", ".parquet"})
+MAX_REPORTED_ERRORS: Final = 5
+
+_T = TypeVar("_T")
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One training record and where it came from (for error messages)."""
+
+    data: Mapping[str, Any]
+    source: str
+    # 1-based: the line number for JSONL, the record index for JSON and Parquet.
+    line: int
+
+    @property
+    def location(self) -> str:
+        return format_location(self.source, self.line)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Validated records, all in one format."""
+
+    records: list[Record]
+    format: RecordFormat
+
+
+def format_location(source: str, line: int) -> str:
+    # JSONL has real lines; JSON arrays and Parquet tables only have record positions.
+    unit = "line" if source.endswith(".jsonl") else "record"
+    return f"{source} {unit} {line}"
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """One file, or the data files under a directory sorted by relative path."""
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such file or directory")
+    files = sorted(
+        (
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and p.suffix in DATA_SUFFIXES
+            # Skip hidden files and folders (editor swap files, .cache from downloads).
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        ),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise DatasetError(f"{root}: no .jsonl, .json or .parquet files")
+    return files
+
+
+def _display_name(file: Path, root: Path) -> str:
+    return file.name if root.is_file() else file.relative_to(root).as_posix()
+
+
+def _json_type(value: object) -> str:
+    names: dict[type, str] = {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+def _read_jsonl(file: Path, name: str) -> Iterator[Record | DatasetError]:
+    with file.open(encoding="utf-8") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue  # blank lines (often a trailing newline) are not records
+            try:
+                # Without the line break, so the decoder's message is about the record.
+                value = json.loads(raw.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                yield DatasetError(f"{name} line {number}: invalid JSON: {exc}")
+                continue
+            if not isinstance(value, dict):
+                yield DatasetError(
+                    f"{name} line {number}: expected a JSON object (got {_json_type(value)})"
+                )
+                continue
+            yield Record(value, name, number)
+
+
+def _read_json(file: Path, name: str) -> Iterator[Record | DatasetError]:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        yield DatasetError(f"{name}: invalid JSON: {exc}")
+        return
+    if not isinstance(value, list):
+        yield DatasetError(f"{name}: expected a JSON array of objects (got {_json_type(value)})")
+        return
+    for index, item in enumerate(value, start=1):
+        if isinstance(item, dict):
+            yield Record(item, name, index)
+        else:
+            yield DatasetError(
+                f"{name} record {index}: expected an object (got {_json_type(item)})"
+            )
+
+
+def _read_parquet(file: Path, name: str) -> Iterator[Record | DatasetError]:
+    import pyarrow.parquet as pq  # noqa: PLC0415 - heavy import, only for Parquet inputs
+
+    try:
+        table = pq.read_table(file)
+    except Exception as exc:  # pyarrow raises several unrelated types
+        yield DatasetError(f"{name}: cannot read Parquet: {exc}")
+        return
+    for index, row in enumerate(table.to_pylist(), start=1):
+        yield Record(row, name, index)
+
+
+def read_records(path: str | Path) -> Iterator[Record | DatasetError]:
+    """Yield raw records (or the read error for that position) in file order."""
+    root = Path(path)
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+    for file in data_files(root):
+        reader = readers.get(file.suffix)
+        if reader is None:
+            raise DatasetError(f"{file}: unsupported file type (use .jsonl, .json or .parquet)")
+        yield from reader(file, _display_name(file, root))
+
+
+def _check_string(data: Mapping[str, Any], key: str, *, non_empty: bool) -> str | None:
+    if key not in data or data[key] is None:
+        return f"{key} is required"
+    value = data[key]
+    if not isinstance(value, str):
+        return f"{key} must be a string (got {_json_type(value)})"
+    if non_empty and not value.strip():
+        return f"{key} must not be empty"
+    return None
+
+
+def _check_chat(data: Mapping[str, Any]) -> str | None:
+    messages = data.get("messages")
+    if messages is None:
+        return "messages is required"
+    if not isinstance(messages, list):
+        return f"messages must be an array (got {_json_type(messages)})"
+    if not messages:
+        return "messages must not be empty"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages[{i}] must be an object (got {_json_type(message)})"
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            got = json.dumps(role) if isinstance(role, str) else _json_type(role)
+            return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)} (got {got})"
+        if role == "system" and i != 0:
+            return f"messages[{i}].role system is only allowed as the first message"
+        content = message.get("content")
+        if not isinstance(content, str):
+            return f"messages[{i}].content must be a string (got {_json_type(content)})"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "messages must contain at least one assistant message"
+    return None
+
+
+def _check_instruction(data: Mapping[str, Any]) -> str | None:
+    error = _check_string(data, "instruction", non_empty=True)
+    if error is None and data.get("input") is not None:
+        error = _check_string(data, "input", non_empty=False)
+    return error or _check_string(data, "output", non_empty=True)
+
+
+def _check_prompt_completion(data: Mapping[str, Any]) -> str | None:
+    return _check_string(data, "prompt", non_empty=False) or _check_string(
+        data, "completion", non_empty=False
+    )
+
+
+def _check_text(data: Mapping[str, Any]) -> str | None:
+    return _check_string(data, "text", non_empty=True)
+
+
+_CHECKS = {
+    "chat": _check_chat,
+    "instruction": _check_instruction,
+    "prompt-completion": _check_prompt_completion,
+    "text": _check_text,
+}
+
+
+def validate_record(data: Mapping[str, Any], fmt: RecordFormat) -> str | None:
+    """The first problem with one record as "field: problem", or None if it is valid."""
+    return _CHECKS[fmt](data)
+
+
+def guess_format(data: Mapping[str, Any]) -> RecordFormat | None:
+    """The format a record's keys suggest (most specific first), ignoring value checks."""
+    if "messages" in data:
+        return "chat"
+    if "instruction" in data or "output" in data:
+        return "instruction"
+    if "prompt" in data or "completion" in data:
+        return "prompt-completion"
+    if "text" in data:
+        return "text"
+    return None
+
+
+def _record_error(record: Record, fmt: RecordFormat, origin: str | None) -> str | None:
+    problem = validate_record(record.data, fmt)
+    if problem is None:
+        return None
+    looks_like = guess_format(record.data)
+    if (
+        looks_like is not None
+        and looks_like != fmt
+        and validate_record(record.data, looks_like) is None
+    ):
+        # A valid record of another format: say so instead of "messages is required".
+        detected = f" (detected from {origin})" if origin else ""
+        return (
+            f"{record.location}: mixed formats: this record is in {looks_like} format "
+            f"but the dataset format is {fmt}{detected}"
+        )
+    return f"{record.location}: {problem}"
+
+
+def _raise_errors(errors: list[str], what: str) -> None:
+    shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
+    more = len(errors) - min(len(errors), MAX_REPORTED_ERRORS)
+    tail = f"\n  ... and {more} more" if more else ""
+    raise DatasetError(f"{what}: {len(errors)} invalid record(s):\n  {shown}{tail}")
+
+
+def load_records(path: str | Path, fmt: FormatOption = "auto") -> Dataset:
+    """Read and validate every record; raise DatasetError listing the first few problems.
+
+    With fmt="auto" the format comes from the first valid record's keys and every other
+    record must then be of that format.
+    """
+    if fmt != "auto" and fmt not in RECORD_FORMATS:
+        raise DatasetError(f"unknown dataset format {fmt!r}")
+    items = list(read_records(path))
+    records = [item for item in items if isinstance(item, Record)]
+
+    resolved: RecordFormat | None = None if fmt == "auto" else fmt
+    origin: str | None = None
+    if resolved is None:
+        for record in records:
+            guess = guess_format(record.data)
+            if guess is not None and validate_record(record.data, guess) is None:
+                resolved, origin = guess, record.location
+                break
+        else:
+            # No valid record at all: validate against what the keys suggest so the error
+            # names the broken field rather than just "cannot detect the format".
+            resolved = next((g for r in records if (g := guess_format(r.data))), None)
+
+    # Read errors and invalid records are reported together, in file order.
+    errors: list[str] = []
+    for item in items:
+        if isinstance(item, DatasetError):
+            errors.append(str(item))
+        elif resolved is not None and (error := _record_error(item, resolved, origin)):
+            errors.append(error)
+    if errors:
+        _raise_errors(errors, str(path))
+    if not records:
+        raise DatasetError(f"{path}: the dataset is empty (no records)")
+    if resolved is None:
+        first = records[0]
+        keys = ", ".join(sorted(first.data)) or "none"
+        raise DatasetError(
+            f"{first.location}: cannot detect the dataset format: no record is a valid chat "
+            f"(messages), instruction (instruction, output), prompt-completion (prompt, "
+            f"completion) or text (text) record; first record keys: {keys}"
+        )
+    return Dataset(records, resolved)
+
+
+def split_train_validation(
+    records: Sequence[_T], fraction: float, seed: int = 0
+) -> tuple[list[_T], list[_T]]:
+    """Deterministic random split; keeps source order inside each part.
+
+    With >= 2 records the validation part gets at least one record and the training part
+    keeps at least one.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be between 0 and 1 (got {fraction})")
+    n = len(records)
+    if n < 2:
+        return list(records), []
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    chosen = set(random.Random(seed).sample(range(n), n_val))
+    train = [r for i, r in enumerate(records) if i not in chosen]
+    validation = [r for i, r in enumerate(records) if i in chosen]
+    return train, validation
