@@ -1,0 +1,202 @@
+"""Sample data and a tiny model for the quickstart, the end-to-end tests and the benchmarks.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained here on the generated text, and
+the model is a small random-init Llama, so the demo runs on a laptop CPU in a few minutes while
+exercising the same code paths as a 7B model on a GPU.
+
+    python examples/quickstart/assets.py --out /tmp/assets            # write files
+    python examples/quickstart/assets.py --upload s3://kubetune/quickstart   # and upload them
+(uploads use the AWS_* settings of the environment, e.g. `set -a; . .dev/s3.env; set +a`).
+
+Layout written (and uploaded):
+    model/            config.json, model.safetensors, tokenizer files (with a chat template)
+    data/chat/train.jsonl, data/chat/validation.jsonl                  ({"messages": [...]})
+    data/instruction/train.jsonl, data/instruction/validation.jsonl    (instruction/input/output)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+# ChatML, the de-facto default; every assistant turn ends with <|im_end|>, which is EOS.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_JOBS = ["llama-chat", "support-bot", "sql-helper", "doc-writer", "code-review", "triage"]
+_METHODS = {
+    "lora": "trains small adapters on a frozen model",
+    "qlora": "trains adapters on a 4-bit model to save memory",
+    "full": "trains every weight of the model",
+}
+_WORDS = [
+    *("alpha", "beta", "gamma", "delta", "model", "data", "token", "batch", "learning", "rate"),
+    *("adapter", "layer", "cluster", "node", "pod", "job", "queue", "storage", "bucket"),
+    *("prefix", "metric", "loss", "epoch", "step", "checkpoint", "gpu", "memory"),
+]
+
+
+def chat_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """A support assistant answering questions about training jobs, in fixed patterns.
+
+    Answers copy facts from the question (names, numbers), so a tiny model can learn them and
+    the base-vs-fine-tuned comparison shows a real difference.
+    """
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        job, gpus = rng.choice(_JOBS), rng.randint(1, 8)
+        method = rng.choice(list(_METHODS))
+        kind = rng.randrange(3)
+        if kind == 0:
+            question = f"How many GPUs does the job {job} use? It requests {gpus}."
+            answer = f"The job {job} uses {gpus} GPUs."
+        elif kind == 1:
+            question = f"What does the method {method} do?"
+            answer = f"The method {method} {_METHODS[method]}."
+        else:
+            question = f"Is the job {job} with {gpus} GPUs using {method}?"
+            answer = f"Yes, the job {job} uses {method} on {gpus} GPUs."
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        if rng.random() < 0.3:
+            messages.insert(0, {"role": "system", "content": "You are the kubetune assistant."})
+        records.append({"messages": messages})
+    return records
+
+
+def instruction_records(n: int, seed: int = 0, mean_words: float = 12.0) -> list[dict[str, Any]]:
+    """Alpaca-style records with learnable tasks and a long-tailed length distribution."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        count = max(1, min(400, round(rng.lognormvariate(0, 0.7) * mean_words)))
+        words = [rng.choice(_WORDS) for _ in range(count)]
+        task = rng.randrange(3)
+        if task == 0:
+            instruction, output = "Repeat the words in reverse order.", " ".join(reversed(words))
+        elif task == 1:
+            instruction, output = "Write the words in upper case.", " ".join(words).upper()
+        else:
+            instruction, output = "Repeat the words.", " ".join(words)
+        records.append({"instruction": instruction, "input": " ".join(words), "output": output})
+    return records
+
+
+def _texts(records: Iterable[dict[str, Any]]) -> Iterator[str]:
+    for record in records:
+        if "messages" in record:
+            yield from (m["content"] for m in record["messages"])
+        else:
+            yield from (str(v) for v in record.values())
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Any:
+    """A byte-level BPE (lossless) with Llama-like BOS, ChatML template, EOS = <|im_end|>."""
+    from tokenizers import (  # noqa: PLC0415  (heavy imports only when building)
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_model(
+    tokenizer: Any, hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0
+) -> Any:
+    """A random-init Llama sized for CPU (about 0.3M parameters at the defaults)."""
+    import torch  # noqa: PLC0415
+    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_assets(out: Path, train: int = 400, validation: int = 40, seed: int = 0) -> Path:
+    chat_train, chat_val = chat_records(train, seed), chat_records(validation, seed + 1)
+    inst_train = instruction_records(train, seed)
+    inst_val = instruction_records(validation, seed + 1)
+    write_jsonl(out / "data/chat/train.jsonl", chat_train)
+    write_jsonl(out / "data/chat/validation.jsonl", chat_val)
+    write_jsonl(out / "data/instruction/train.jsonl", inst_train)
+    write_jsonl(out / "data/instruction/validation.jsonl", inst_val)
+    tokenizer = build_tokenizer(_texts([*chat_train, *inst_train]))
+    model = build_model(tokenizer, seed=seed)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return out
+
+
+def upload(local: Path, uri: str) -> None:
+    import boto3  # noqa: PLC0415
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3")
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        key = f"{prefix.rstrip('/')}/{path.relative_to(local).as_posix()}".lstrip("/")
+        s3.upload_file(str(path), bucket, key)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(".dev/quickstart-assets"))
+    parser.add_argument("--upload", metavar="S3_URI", help="upload to this prefix afterwards")
+    parser.add_argument("--records", type=int, default=400)
+    args = parser.parse_args()
+    write_assets(args.out, train=args.records)
+    if args.upload:
+        upload(args.out, args.upload)
+    print(f"assets in {args.out}" + (f", uploaded to {args.upload}" if args.upload else ""))
+
+
+if __name__ == "__main__":
+    main()
