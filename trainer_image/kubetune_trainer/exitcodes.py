@@ -1,27 +1,59 @@
-"""Exit codes of the trainer: the contract between the trainer and the operator's Job.
+"""Exit codes of `kubetune-trainer`, shared by the trainer (which exits with them) and the operator.
 
-The operator's podFailurePolicy fails the Job at once on the "user error" codes (retrying cannot
-fix a bad dataset or a missing model) and lets the Job's backoffLimit retry the others. The pod's
-termination message carries the one-line reason in every case.
+The operator's Job has a podFailurePolicy that fails the whole Job at once on PERMANENT codes:
+retrying a pod cannot fix a bad config, a malformed dataset or a model that does not fit, it only
+burns GPU hours. Any other non-zero exit (a crash, a lost connection, SIGKILL) is retried up to
+spec.maxRetries, resuming from the last checkpoint. Before exiting with a permanent code, the
+trainer writes one line a user can act on (what is wrong, where) as the first line of its
+termination message.
+
+Values follow BSD sysexits(3) where one fits, and stay below 128, so they never collide with
+Python's 1 (uncaught exception) and 2 (argparse usage), or with 128+N (killed by signal N, such
+as 137 for SIGKILL/OOMKilled).
+
+Pure constants: imported by the operator image, which has no torch.
 """
 
-from __future__ import annotations
+from typing import Final
 
-OK = 0
-# Something unexpected (a bug, a crash): retried up to maxRetries.
-INTERNAL_ERROR = 1
-# The trainer config or spec is invalid for this run (e.g. QLoRA without CUDA).
-CONFIG_ERROR = 2
-# The dataset is malformed, empty, or has no trainable tokens.
-DATA_ERROR = 3
-# The model or tokenizer cannot be loaded (missing files, unsupported architecture).
-MODEL_ERROR = 4
-# Object storage refused or could not find something (credentials, bucket, URI).
-STORAGE_ERROR = 5
-# Out of GPU/CPU memory inside the trainer (CUDA OOM), with a hint in the message.
-OUT_OF_MEMORY = 6
-# Stopped by SIGTERM after saving a checkpoint (preemption, node drain): retried, resumes.
-PREEMPTED = 143
+OK: Final = 0
+# The data is malformed: a record without the fields its format needs, an empty dataset, a
+# dataset format that cannot be detected, no trainable tokens left. (EX_DATAERR)
+DATA_ERROR: Final = 65
+# An input does not exist: base model, tokenizer or dataset URI not found. (EX_NOINPUT)
+INPUT_NOT_FOUND: Final = 66
+# Something unexpected inside the trainer (a bug): retried. (EX_SOFTWARE)
+INTERNAL_ERROR: Final = 70
+# Object storage refused access (credentials, bucket policy, wrong endpoint). (EX_NOPERM)
+STORAGE_ERROR: Final = 77
+# The configuration cannot work: an unsupported config version, a model the method cannot train
+# (e.g. QLoRA without a GPU), contradicting settings the schema could not catch. (EX_CONFIG)
+CONFIG_ERROR: Final = 78
+# The model or tokenizer files exist but cannot be loaded (unsupported architecture, corrupt
+# weights, remote code needed but trustRemoteCode is false).
+MODEL_ERROR: Final = 79
+# The trainer ran out of GPU (or host) memory itself and says how to fit (qlora, smaller
+# batchSize or maxSeqLength, gradient checkpointing). A kernel OOM kill is 137 instead.
+OUT_OF_MEMORY: Final = 80
+# Stopped by SIGTERM after saving a checkpoint (preemption, node drain): retried, and resumes.
+PREEMPTED: Final = 143
 
-# Codes that the operator's podFailurePolicy turns into an immediate Job failure.
-PERMANENT = (CONFIG_ERROR, DATA_ERROR, MODEL_ERROR, STORAGE_ERROR, OUT_OF_MEMORY)
+# Exit codes that mean "do not retry"; the operator fails the Job on the first one.
+PERMANENT: Final = (
+    DATA_ERROR,
+    INPUT_NOT_FOUND,
+    STORAGE_ERROR,
+    CONFIG_ERROR,
+    MODEL_ERROR,
+    OUT_OF_MEMORY,
+)
+
+# The CamelCase reason the operator reports in status.reason for each permanent exit code.
+REASONS: Final = {
+    DATA_ERROR: "DataError",
+    INPUT_NOT_FOUND: "InputNotFound",
+    STORAGE_ERROR: "StorageAccessDenied",
+    CONFIG_ERROR: "ConfigError",
+    MODEL_ERROR: "ModelLoadError",
+    OUT_OF_MEMORY: "OutOfMemory",
+}
