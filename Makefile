@@ -16,6 +16,7 @@ help:
 	@echo "make test          lint, type-check and run the whole test suite"
 	@echo "make cluster-up    start the local control plane, process node and S3 server"
 	@echo "make cluster-down  stop them and forget their state"
+	@echo "make crds          regenerate crds/kubetune.dev_finetunejobs.yaml from the pydantic models"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,10 @@ cluster-down:
 
 cluster-status:
 	$(PY) tests/localenv/cluster.py status
+
+# The FineTuneJob CRD is generated from trainer_image/kubetune_trainer/api.py; commit the result.
+crds: venv
+	$(PY) -m kubetune_operator.crd crds/kubetune.dev_finetunejobs.yaml
 
 lint: venv
 	$(VENV)/bin/ruff check .

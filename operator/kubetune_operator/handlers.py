@@ -1,0 +1,135 @@
+"""Kopf handlers: a decorator and one call each into reconcile.py.
+
+FineTuneJob lifecycle
+- create / resume (operator start): ensure the children exist, report status;
+- update of spec: carry mutable settings (maxRetries, timeout, queueName) into the Job and the
+  trainer config; spec.suspend: suspend or resume the Job;
+- delete: nothing to clean up. Every child has an owner reference to the FineTuneJob, so the
+  garbage collector deletes the Job (and with it the pods) and the rest; the operator holds no
+  external resources (no buckets, no cloud objects) that would need a finalizer, and a finalizer
+  would block namespace deletion whenever the operator is down. The optional delete handler only
+  marks the job Cancelled while a foreground deletion waits for the training pod to stop.
+
+Status is level-based: every event of one of our Jobs or pods (server-side label filter, see
+settings.configure_kopf) recomputes the owning FineTuneJob's status from the current objects. No
+timers, no polling.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kubetune_trainer.api import GROUP, PLURAL, VERSION
+
+from kubetune_operator import metrics, reconcile
+from kubetune_operator.kube import Kube
+from kubetune_operator.manifests import ftj_name_of
+from kubetune_operator.settings import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    OperatorSettings,
+    configure_kopf,
+    load_settings,
+)
+
+FTJ = (GROUP, VERSION, PLURAL)
+OURS = {MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def _plain(value: Any) -> Any:
+    """Kopf's read-only body views as plain dicts and lists (the models want real dicts)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _operator(memo: kopf.Memo) -> reconcile.Operator:
+    op = memo.get("operator")
+    if not isinstance(op, reconcile.Operator):
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return op
+
+
+def identity() -> str:
+    """This replica's name in Events: the pod name in a cluster, else the host name."""
+    return os.environ.get("POD_ID") or os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    ours = memo.get("settings")
+    if not isinstance(ours, OperatorSettings):
+        ours = load_settings()
+    configure_kopf(settings, ours, identity())
+    kube = await Kube.connect()
+    await reconcile.check_crd(kube)
+    if ours.peering_name:
+        await reconcile.ensure_peering(kube, ours)
+    metrics.serve(ours.metrics_port)
+    memo["operator"] = reconcile.Operator(settings=ours, kube=kube)
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    op = memo.get("operator")
+    if isinstance(op, reconcile.Operator):
+        await op.kube.close()
+
+
+@kopf.on.create(*FTJ)
+async def created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async with metrics.timed("create"):
+        await reconcile.ensure_children(_operator(memo), _plain(body))
+
+
+@kopf.on.resume(*FTJ)
+async def resumed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async with metrics.timed("resume"):
+        await reconcile.ensure_children(_operator(memo), _plain(body))
+
+
+@kopf.on.update(*FTJ, field="spec")
+async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async with metrics.timed("update"):
+        await reconcile.apply_spec_change(_operator(memo), _plain(body))
+
+
+@kopf.on.field(*FTJ, field="spec.suspend")
+async def suspend_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async with metrics.timed("suspend"):
+        await reconcile.apply_suspend(_operator(memo), _plain(body))
+
+
+@kopf.on.delete(*FTJ, optional=True)
+async def deleting(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async with metrics.timed("delete"):
+        meta = body.metadata
+        await reconcile.sync_status(_operator(memo), meta.namespace or "", meta.name or "")
+
+
+@kopf.on.event(*FTJ)
+def ftj_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    metrics.TRACKER.observe(type, body)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OURS)
+async def job_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _child_event("job", body, memo)
+
+
+@kopf.on.event("v1", "pods", labels=OURS)
+async def pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _child_event("pod", body, memo)
+
+
+async def _child_event(kind: str, body: kopf.Body, memo: kopf.Memo) -> None:
+    name = ftj_name_of(body)
+    if name and body.metadata.namespace:
+        async with metrics.timed(f"{kind}-event"):
+            await reconcile.sync_status(_operator(memo), body.metadata.namespace, name)

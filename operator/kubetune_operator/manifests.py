@@ -1,0 +1,489 @@
+"""Pure builders: a FineTuneJob (as the API server returns it) + the operator's settings ->
+the manifests of its children. No I/O here; reconcile.py sends what these return.
+
+Children, created in this order so that everything the pod needs exists before the Job:
+ServiceAccount, Role, RoleBinding (the trainer's identity: it may patch only its own
+FineTuneJob's status), ConfigMap (the TrainerConfig), and the batch/v1 Job running the trainer.
+Every child carries an owner reference to the FineTuneJob, so deleting the FineTuneJob deletes
+them all through the garbage collector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune_trainer import exitcodes
+from kubetune_trainer.api import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    KUEUE_QUEUE_LABEL,
+    PLURAL,
+    FineTuneSpec,
+)
+from kubetune_trainer.config import (
+    CONFIG_DIR,
+    CONFIG_KEY,
+    CONFIG_PATH,
+    PVC_ROOT,
+    WORK_DIR,
+    JobIdentity,
+    TrainerConfig,
+)
+
+from kubetune_operator.settings import MANAGED_BY, MANAGED_BY_LABEL, OperatorSettings
+
+Body = dict[str, Any]
+
+FTJ_LABEL = f"{GROUP}/finetunejob"  # label (63-char safe) and annotation (full name)
+CONTAINER = "trainer"
+# The API default of spec.resources.gpuResourceName (see OperatorSettings.default_gpu_...).
+API_DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
+# The trainer runs as this non-root user, the trainer image's own USER (trainer_image/Dockerfile).
+# PSS "restricted" needs runAsNonRoot; a fixed UID makes that hold for any image given in
+# spec.image, including ones whose USER is root. fsGroup lets it write to output PVCs.
+TRAINER_UID = 65532
+MAX_NAME = 63  # Job names become label values (job-name); keep every child name a DNS label
+_HASH_LEN = 8
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:_HASH_LEN]
+
+
+def truncate(text: str, limit: int = MAX_NAME) -> str:
+    """`text` if it fits, else a prefix + a hash of the whole: deterministic and unique."""
+    if len(text) <= limit:
+        return text
+    prefix = text[: limit - _HASH_LEN - 1].rstrip("-.")
+    return f"{prefix}-{_hash(text)}"
+
+
+def child_name(ftj_name: str, suffix: str) -> str:
+    """`<ftj>-<suffix>`, at most 63 characters; long FineTuneJob names get a hash."""
+    full = f"{ftj_name}-{suffix}"
+    if len(full) <= MAX_NAME:
+        return full
+    keep = MAX_NAME - len(suffix) - _HASH_LEN - 2
+    return f"{ftj_name[:keep].rstrip('-.')}-{_hash(ftj_name)}-{suffix}"
+
+
+@dataclass(frozen=True)
+class Names:
+    """The deterministic names of a FineTuneJob's children: re-running never makes new ones."""
+
+    job: str
+    config_map: str
+    service_account: str
+    role: str
+    role_binding: str
+
+    @classmethod
+    def of(cls, ftj_name: str) -> Names:
+        trainer = child_name(ftj_name, "trainer")
+        return cls(
+            job=child_name(ftj_name, "train"),
+            config_map=child_name(ftj_name, "config"),
+            service_account=trainer,
+            role=trainer,
+            role_binding=trainer,
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the builders need from a FineTuneJob: identity and the effective spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: FineTuneSpec  # with the operator's defaults applied (effective_spec)
+
+    @property
+    def names(self) -> Names:
+        return Names.of(self.name)
+
+
+def parse_spec(ftj: Mapping[str, Any]) -> FineTuneSpec:
+    """The spec as the models read it; raises pydantic.ValidationError for an invalid one."""
+    return FineTuneSpec.model_validate(ftj.get("spec"))
+
+
+def effective_spec(spec: FineTuneSpec, settings: OperatorSettings) -> FineTuneSpec:
+    """Fill in what the user left to the operator: image, storage endpoint, GPU resource name.
+
+    Why the GPU name is remapped: the CRD defaults gpuResourceName to nvidia.com/gpu, so the
+    operator cannot tell "unset" from an explicit nvidia.com/gpu. On clusters configured with
+    another default, the API default is read as "unset"; there nvidia.com/gpu does not exist.
+    """
+    storage = spec.storage
+    if storage.endpoint is None and settings.default_storage_endpoint:
+        storage = storage.model_copy(update={"endpoint": settings.default_storage_endpoint})
+    resources = spec.resources
+    if resources.gpu_resource_name == API_DEFAULT_GPU_RESOURCE:
+        resources = resources.model_copy(
+            update={"gpu_resource_name": settings.default_gpu_resource_name}
+        )
+    return spec.model_copy(
+        update={
+            "image": spec.image or settings.trainer_image,
+            "storage": storage,
+            "resources": resources,
+        }
+    )
+
+
+def target(ftj: Mapping[str, Any], settings: OperatorSettings) -> Target:
+    meta = ftj["metadata"]
+    return Target(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        uid=meta["uid"],
+        spec=effective_spec(parse_spec(ftj), settings),
+    )
+
+
+# ------------------------------------------------------------------------------ shared parts
+
+
+def labels(t: Target) -> dict[str, str]:
+    instance = truncate(t.name)
+    return {
+        "app.kubernetes.io/name": "kubetune-trainer",
+        "app.kubernetes.io/instance": instance,
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/part-of": "kubetune",
+        MANAGED_BY_LABEL: MANAGED_BY,
+        FTJ_LABEL: instance,
+    }
+
+
+def child_annotations(t: Target) -> dict[str, str]:
+    # Label values stop at 63 characters; the annotation carries the full FineTuneJob name
+    # that Job and pod events are mapped back with.
+    return {FTJ_LABEL: t.name}
+
+
+def owner_reference(t: Target) -> Body:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": t.name,
+        "uid": t.uid,
+        "controller": True,
+        # Foreground deletion of the FineTuneJob waits for its children (observable as
+        # phase Cancelled while the training pod shuts down).
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(t: Target, name: str) -> Body:
+    return {
+        "name": name,
+        "namespace": t.namespace,
+        "labels": labels(t),
+        "annotations": child_annotations(t),
+        "ownerReferences": [owner_reference(t)],
+    }
+
+
+def ftj_name_of(child: Mapping[str, Any]) -> str | None:
+    """The FineTuneJob a Job or pod belongs to (from the annotation this module sets)."""
+    meta = child.get("metadata") or {}
+    name = (meta.get("annotations") or {}).get(FTJ_LABEL) or (meta.get("labels") or {}).get(
+        FTJ_LABEL
+    )
+    return str(name) if name else None
+
+
+# ------------------------------------------------------------------------------------ config
+
+
+def trainer_config(t: Target) -> TrainerConfig:
+    return TrainerConfig(
+        job=JobIdentity(namespace=t.namespace, name=t.name, uid=t.uid),
+        spec=t.spec,
+        work_dir=WORK_DIR,
+    )
+
+
+def render_config(t: Target) -> str:
+    # exclude_none: an absent optional field reads back as None, and the document stays short.
+    data = trainer_config(t).model_dump(by_alias=True, exclude_none=True, mode="json")
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def config_map(t: Target) -> Body:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(t, t.names.config_map),
+        "data": {CONFIG_KEY: render_config(t)},
+    }
+
+
+# ------------------------------------------------------------------------------ identity
+
+
+def service_account(t: Target) -> Body:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(t, t.names.service_account),
+        # The token is mounted only into the trainer pod (the pod sets it explicitly).
+        "automountServiceAccountToken": False,
+    }
+
+
+def role(t: Target) -> Body:
+    """The trainer may read and patch the status of its own FineTuneJob, and nothing else.
+
+    The operator can create this Role because it holds both verbs on finetunejobs/status itself
+    (RBAC escalation prevention: one can only grant what one has).
+    """
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(t, t.names.role),
+        "rules": [
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [t.name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def role_binding(t: Target) -> Body:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(t, t.names.role_binding),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": t.names.role,
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": t.names.service_account, "namespace": t.namespace}
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------ the Job
+
+
+def pvc_claims(spec: FineTuneSpec) -> dict[str, bool]:
+    """PersistentVolumeClaims named by pvc:// URIs -> whether the pod may only read them."""
+    read_only: dict[str, bool] = {}
+    inputs = [
+        spec.base_model.uri,
+        spec.base_model.tokenizer_uri,
+        spec.dataset.train_uri,
+        spec.dataset.validation_uri,
+    ]
+    for uri in inputs:
+        if uri and uri.startswith("pvc://"):
+            read_only.setdefault(_claim(uri), True)
+    if spec.output.uri.startswith("pvc://"):
+        read_only[_claim(spec.output.uri)] = False
+    return read_only
+
+
+def _claim(uri: str) -> str:
+    return uri.removeprefix("pvc://").split("/", 1)[0]
+
+
+def job_suspended(spec: FineTuneSpec) -> bool:
+    """Suspend at creation when asked to, or when Kueue must admit the Job first."""
+    return spec.suspend or spec.queue_name is not None
+
+
+def _resources(spec: FineTuneSpec) -> Body:
+    compute = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if compute.cpu:
+        requests["cpu"] = compute.cpu  # no CPU limit: data loading may use idle cores
+    if compute.memory:
+        requests["memory"] = limits["memory"] = compute.memory
+    if compute.gpus:
+        requests[compute.gpu_resource_name] = limits[compute.gpu_resource_name] = str(compute.gpus)
+    out: Body = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _env(spec: FineTuneSpec) -> list[Body]:
+    env: list[Body] = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},  # logs reach `kubectl logs` at once
+        {"name": "HOME", "value": "/tmp"},  # the root file system is read-only
+    ]
+    ref = spec.storage.credentials_secret_ref
+    if ref is not None:
+        # The operator never reads the Secret: the kubelet injects the keys into the pod. A
+        # missing Secret shows as CreateContainerConfigError, which status.py explains.
+        for var, key in (
+            ("AWS_ACCESS_KEY_ID", ref.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", ref.secret_access_key_key),
+        ):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key}}})
+    return env
+
+
+def _volumes(t: Target) -> tuple[list[Body], list[Body]]:
+    volumes: list[Body] = [
+        {"name": "config", "configMap": {"name": t.names.config_map}},
+        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        # PyTorch data-loader workers and NCCL exchange tensors through /dev/shm, which is
+        # only 64 MiB in a container by default.
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[Body] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "work", "mountPath": WORK_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ]
+    for index, (claim, read_only) in enumerate(sorted(pvc_claims(t.spec).items())):
+        name = f"pvc-{index}"  # claim names may be longer than a volume name may be
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": name, "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+    return volumes, mounts
+
+
+def pod_failure_policy() -> Body:
+    return {
+        "rules": [
+            # Preemption, node drain, eviction: not the trainer's fault, and no retry is used up
+            # (the next pod resumes from the last checkpoint). First, so it wins over exit codes.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            # Bad config or data: a retry cannot help, fail the whole Job at once.
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": sorted(exitcodes.PERMANENT),
+                },
+            },
+        ]
+    }
+
+
+def job(t: Target, settings: OperatorSettings) -> Body:
+    spec = t.spec
+    volumes, mounts = _volumes(t)
+    job_labels = labels(t)
+    if spec.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
+    container: Body = {
+        "name": CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        # Explicit command: the trainer does not depend on the image's ENTRYPOINT (and the
+        # local process node, which runs no images, can run it).
+        "command": [*settings.trainer_command, CONFIG_PATH],
+        "env": _env(spec),
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+        # The trainer writes one actionable line there on a known error; on a crash the end of
+        # its log (the traceback) is used instead.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: Body = {
+        "restartPolicy": "Never",  # retries are new pods, counted by backoffLimit
+        "serviceAccountName": t.names.service_account,
+        "automountServiceAccountToken": True,  # the trainer reports status with this token
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    compute = spec.resources
+    if compute.node_selector:
+        pod_spec["nodeSelector"] = dict(compute.node_selector)
+    if compute.tolerations:
+        pod_spec["tolerations"] = [
+            tol.model_dump(by_alias=True, exclude_none=True) for tol in compute.tolerations
+        ]
+    if compute.priority_class_name:
+        pod_spec["priorityClassName"] = compute.priority_class_name
+    job_spec: Body = {
+        "suspend": job_suspended(spec),
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimit": spec.max_retries,
+        "podFailurePolicy": pod_failure_policy(),
+        "template": {
+            "metadata": {"labels": labels(t), "annotations": child_annotations(t)},
+            "spec": pod_spec,
+        },
+    }
+    timeout = spec.timeout_seconds()
+    if timeout is not None:
+        job_spec["activeDeadlineSeconds"] = timeout
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {**_metadata(t, t.names.job), "labels": job_labels},
+        "spec": job_spec,
+    }
+
+
+def children(t: Target, settings: OperatorSettings) -> list[Body]:
+    """All children in creation order: what the pod needs first, the Job last."""
+    return [service_account(t), role(t), role_binding(t), config_map(t), job(t, settings)]
+
+
+# ------------------------------------------------------------------------- updates of a Job
+
+
+def job_settings_patch(t: Target) -> Body:
+    """Merge patch carrying the settings that may change while the Job exists.
+
+    maxRetries, timeout and queueName stay mutable after training started (api.py
+    MUTABLE_AFTER_START); suspend has its own patch (suspend_patch), because Kueue owns it.
+    """
+    timeout = t.spec.timeout_seconds()
+    return {
+        "metadata": {"labels": {KUEUE_QUEUE_LABEL: t.spec.queue_name}},
+        "spec": {"backoffLimit": t.spec.max_retries, "activeDeadlineSeconds": timeout},
+    }
+
+
+def suspend_patch(spec: FineTuneSpec, job_body: Mapping[str, Any]) -> Body | None:
+    """The Job patch that makes it follow spec.suspend, or None when nothing is to change.
+
+    With a queueName, Kueue unsuspends the Job when it admits it: the operator then only ever
+    suspends, and leaves resuming to Kueue (re-queueing the job).
+    """
+    suspended = bool((job_body.get("spec") or {}).get("suspend"))
+    if spec.suspend and not suspended:
+        return {"spec": {"suspend": True}}
+    if not spec.suspend and suspended and spec.queue_name is None:
+        return {"spec": {"suspend": False}}
+    return None

@@ -1,0 +1,207 @@
+"""The operator's own configuration: typed, loaded once from KUBETUNE_* environment variables.
+
+The Helm chart sets these variables on the operator's Deployment; a developer running
+`kubetune-operator` on a workstation sets them in the shell. A bad value stops the operator at
+start with a message naming the variable, instead of surfacing later as a broken Job.
+
+`configure_kopf` maps these settings (plus fixed choices) onto Kopf's settings; it is called from
+the single `@kopf.on.startup` handler in handlers.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+import kopf
+from kubetune_trainer.api import DNS_LABEL_PATTERN, GROUP
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "KUBETUNE_"
+# Labels selecting the Jobs and pods this operator made; also used server-side in the watches.
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kubetune"
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"  # trainer_image/Dockerfile
+GPU_RESOURCE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class SettingsError(ValueError):
+    """A KUBETUNE_* variable has a value the operator cannot use; the message names it."""
+
+
+class OperatorSettings(BaseModel):
+    """Everything the operator is configured with. Field `x` is read from KUBETUNE_X."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    trainer_image: Annotated[str, Field(min_length=1, pattern=r"^[^ ]+$")] = Field(
+        default=DEFAULT_TRAINER_IMAGE,
+        description="Trainer image for FineTuneJobs without spec.image.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    trainer_command: tuple[str, ...] = Field(
+        default=("kubetune-trainer", "--config"),
+        min_length=1,
+        description=(
+            "The trainer container's command (JSON list); the config path is appended. Only "
+            "tests change it, to run a stand-in trainer on the process node: the Job's shape "
+            "stays the same."
+        ),
+    )
+    default_storage_endpoint: (
+        Annotated[str, Field(max_length=2048, pattern=r"^https?://[^/ ]+(/.*)?$")] | None
+    ) = Field(default=None, description="S3 endpoint for jobs without spec.storage.endpoint.")
+    default_gpu_resource_name: Annotated[str, Field(pattern=GPU_RESOURCE_PATTERN)] = Field(
+        default="nvidia.com/gpu",
+        description=(
+            "GPU resource name used where a job keeps the API default (nvidia.com/gpu), for "
+            "clusters whose GPUs are advertised under another name (amd.com/gpu, a MIG slice)."
+        ),
+    )
+    namespaces: tuple[str, ...] = Field(
+        default=(),
+        description="Namespaces to watch (comma-separated); empty: the whole cluster.",
+    )
+    # The operator image EXPOSEs both (Dockerfile).
+    metrics_port: Port = Field(default=9090, description="Prometheus /metrics port; 0: off.")
+    health_port: Port = Field(default=8080, description="Kopf liveness /healthz port; 0: off.")
+    peering_name: str = Field(
+        default="kubetune",
+        description=(
+            "Name of the KopfPeering (namespaced mode) or ClusterKopfPeering (cluster-wide) "
+            "object the replicas coordinate through; empty: standalone, no coordination."
+        ),
+    )
+    peering_priority: int | None = Field(
+        default=None,
+        description=(
+            "Peering priority; unset: seniority (the longest-running replica is active). Set "
+            "0 or more to take over from deployed replicas, e.g. for a debugging session."
+        ),
+    )
+    peering_lifetime: int = Field(
+        default=60,
+        ge=5,
+        le=3600,
+        description="Seconds a replica's keep-alive is trusted; also the fail-over time.",
+    )
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning"] = "info"
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespace_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [ns for ns in value if not re.fullmatch(DNS_LABEL_PATTERN, ns)]
+        if bad:
+            raise ValueError(f"not namespace names: {', '.join(bad)}")
+        return value
+
+    @field_validator("peering_name")
+    @classmethod
+    def _peering_name(cls, value: str) -> str:
+        if value and not re.fullmatch(DNS_LABEL_PATTERN, value):
+            raise ValueError("must be a DNS label (lowercase letters, digits, '-') or empty")
+        return value
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+    def effective_priority(self, started: float | None = None) -> int:
+        """The peering priority; by default the negated start time in ms, so older wins.
+
+        Why seniority rather than a random or fixed priority: a new replica (a rolling update, a
+        scaled-up Deployment) always sees an older, active peer and stays paused from its first
+        moment, so two replicas never handle events at the same time; with equal priorities
+        Kopf would pause both. The cost: after a crash (no goodbye), the standby takes over only
+        when the dead replica's keep-alive expires (peering_lifetime).
+        """
+        if self.peering_priority is not None:
+            return self.peering_priority
+        return -int((time.time() if started is None else started) * 1000)
+
+
+# Values that are JSON documents (lists) or comma-separated lists in the environment.
+_JSON_FIELDS = frozenset({"trainer_command"})
+_LIST_FIELDS = frozenset({"namespaces"})
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
+    """Read KUBETUNE_* variables; raise SettingsError naming every variable that is wrong.
+
+    Unknown KUBETUNE_* variables are ignored: the test and demo tooling shares the prefix.
+    """
+    env = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    for field in OperatorSettings.model_fields:
+        value = env.get(env_name(field))
+        if value is None or (value == "" and field != "peering_name"):
+            continue  # unset or empty: the default
+        if field in _JSON_FIELDS:
+            try:
+                raw[field] = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise SettingsError(f"{env_name(field)}: not a JSON list: {err}") from None
+        elif field in _LIST_FIELDS:
+            raw[field] = tuple(part.strip() for part in value.split(",") if part.strip())
+        else:
+            raw[field] = value
+    try:
+        # Lax mode: environment values are strings ("8080" for a port).
+        return OperatorSettings.model_validate(raw)
+    except ValidationError as err:
+        problems = [
+            f"{env_name(str(e['loc'][0]))}={env.get(env_name(str(e['loc'][0])))!r}: {e['msg']}"
+            for e in err.errors()
+        ]
+        raise SettingsError("; ".join(problems)) from None
+
+
+def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings, identity: str) -> None:
+    """Kopf's settings for this operator; called once from the startup handler."""
+    # Handler progress and the diff base live in annotations under our own API group, not in
+    # status.kopf: status belongs to the FineTuneJob API (its schema would prune them anyway).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Only explicit kopf.info/warn/exception calls become Kubernetes Events (phase transitions,
+    # problems); handler chatter stays in the logs.
+    settings.posting.level = logging.INFO
+    settings.posting.loggers = False
+    settings.posting.reporting_component = "kubetune-operator"
+    settings.posting.reporting_instance = identity[:128]
+    settings.posting.event_name_prefix = "kubetune-"
+    # Watches: the server ends each after ~5 min and Kopf re-lists, so a silently dead connection
+    # never leaves the operator blind for long.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    # Only our Jobs and pods, filtered by the API server instead of streaming every pod.
+    selector = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+    settings.watching.label_selectors["batch", "v1", "jobs"] = selector
+    settings.watching.label_selectors["v1", "pods"] = selector
+    # Back-offs that grow to a minute: an unreachable or overloaded API server is not hammered.
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
+    settings.networking.error_backoffs = (1, 2, 4, 8, 16, 32, 60)
+    settings.queueing.error_delays = (1, 2, 4, 8, 16, 32, 60, 120, 300)
+    settings.execution.default_backoff = 30  # unexpected handler errors: retry after 30 s
+    # No cluster-wide scanning of CRDs and namespaces: the CRD is installed with the chart before
+    # the operator starts, and namespaces are named exactly. This keeps `list customresource-
+    # definitions` and `list namespaces` out of the operator's RBAC.
+    settings.scanning.disabled = True
+    # Peering (see effective_priority): quiet keep-alives, and the configured fail-over time.
+    settings.peering.stealth = True
+    settings.peering.lifetime = ours.peering_lifetime

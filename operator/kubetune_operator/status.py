@@ -1,0 +1,521 @@
+"""Pure: the part of a FineTuneJob's status the operator owns, computed from what it observes.
+
+Inputs are the FineTuneJob, its Job and the Job's pods, as the API server returns them. The result
+is a merge patch of the operator's fields only (phase, conditions, observedGeneration, startTime,
+completionTime, jobName, reason, message); the trainer patches stage, progress, metrics,
+parameters, estimate and output itself, and those are never touched here. An empty patch means
+nothing changed, so no request is sent.
+
+Level-based: the same observations give the same status, whatever happened in between; a status
+is a function of the present, not of the events that led there. The exceptions are deliberate and
+monotonic: startTime and completionTime are set once, and a terminal phase (Succeeded, Failed,
+Cancelled) is final.
+
+Conditions follow metav1.Condition and kstatus: Reconciling is True while the job makes
+progress towards completion, Stalled is True when it failed for good, Ready (and Succeeded) only
+when it succeeded. A condition's lastTransitionTime changes only when its status does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from kubetune_trainer import exitcodes
+from kubetune_trainer.api import FineTuneSpec, Phase
+
+from kubetune_operator.manifests import CONTAINER
+
+Body = Mapping[str, Any]
+
+OWNED_FIELDS: Final = (
+    "phase",
+    "conditions",
+    "observedGeneration",
+    "startTime",
+    "completionTime",
+    "jobName",
+    "reason",
+    "message",
+)
+TERMINAL: Final = frozenset({"Succeeded", "Failed", "Cancelled"})
+IN_PROGRESS: Final = frozenset({"Pending", "Queued", "Running"})
+CONDITION_TYPES: Final = ("Ready", "Succeeded", "Failed", "Reconciling", "Stalled")
+# Reasons that need someone's attention: posted as Warning events.
+PROBLEMS: Final = frozenset(
+    {
+        "Unschedulable",
+        "CredentialsSecretMissing",
+        "CreateContainerConfigError",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "InvalidImageName",
+        "Retrying",
+        "PVCNotFound",
+    }
+)
+IMAGE_PULL_REASONS: Final = frozenset(
+    {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
+)
+MESSAGE_LIMIT: Final = 1024  # status.message is a ShortText in the API
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the observations mean: a phase and a reason a user can act on."""
+
+    phase: Phase
+    reason: str
+    message: str
+    started: str | None = None  # when the trainer container first ran, if it did
+    finished: str | None = None  # when the Job finished, if it did
+
+    @property
+    def is_problem(self) -> bool:
+        return self.phase == "Failed" or self.reason in PROBLEMS
+
+
+@dataclass(frozen=True)
+class Blocker:
+    """Why the operator has not created the Job yet (e.g. a missing PVC)."""
+
+    reason: str
+    message: str
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------- small readers
+
+
+def _conditions(obj: Body | None) -> list[Body]:
+    return list(((obj or {}).get("status") or {}).get("conditions") or [])
+
+
+def _true_condition(obj: Body | None, *types: str) -> Body | None:
+    for cond in _conditions(obj):
+        if cond.get("type") in types and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _container(pod: Body) -> Body:
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for status in statuses:
+        if status.get("name") == CONTAINER:
+            return dict(status)
+    return dict(statuses[0]) if statuses else {}
+
+
+def _terminated(pod: Body) -> Body | None:
+    state = _container(pod).get("state") or {}
+    terminated: Body | None = state.get("terminated")
+    return terminated
+
+
+def _by_age(pods: Sequence[Body]) -> list[Body]:
+    return sorted(
+        pods,
+        key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"].get("name", "")),
+    )
+
+
+def _pod_phase(pod: Body) -> str:
+    return str((pod.get("status") or {}).get("phase") or "Pending")
+
+
+def first_line(text: str | None) -> str:
+    """The line of a termination message that says what went wrong.
+
+    The trainer writes its actionable line first. When it crashed instead, the message is the
+    end of its log (FallbackToLogsOnError), ending with a traceback whose last line is the
+    exception.
+    """
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    crashed = any(line.startswith("Traceback (most recent call last)") for line in lines)
+    return (lines[-1] if crashed else lines[0])[:512]
+
+
+def _started(pods: Sequence[Body]) -> str | None:
+    """When the trainer container first ran in any pod: training has started from then on."""
+    times = []
+    for pod in pods:
+        state = _container(pod).get("state") or {}
+        for key in ("running", "terminated"):
+            started = (state.get(key) or {}).get("startedAt")
+            if started:
+                times.append(str(started))
+    return min(times) if times else None
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
+
+
+# ------------------------------------------------------------------------------- the verdict
+
+
+def assess(
+    ftj: Body,
+    job: Body | None,
+    pods: Sequence[Body],
+    *,
+    spec: FineTuneSpec | None,
+    spec_error: str | None = None,
+    blocker: Blocker | None = None,
+) -> Verdict:
+    """The phase, reason and message for the current observations."""
+    status = ftj.get("status") or {}
+    previous = status.get("phase")
+    verdict = _assess(ftj, job, pods, spec=spec, spec_error=spec_error, blocker=blocker)
+    if previous in TERMINAL and verdict.phase != previous:
+        # Final: a Succeeded job whose Job is deleted later did not become Cancelled. Within
+        # the same phase the details may still improve (the Job controller counts the last
+        # failed pod only after it marked the Job as failing).
+        return Verdict(previous, status.get("reason") or previous, status.get("message") or "")
+    return verdict
+
+
+def _assess(
+    ftj: Body,
+    job: Body | None,
+    pods: Sequence[Body],
+    *,
+    spec: FineTuneSpec | None,
+    spec_error: str | None,
+    blocker: Blocker | None,
+) -> Verdict:
+    status = ftj.get("status") or {}
+    if spec_error is not None or spec is None:
+        return Verdict("Failed", "InvalidSpec", _clip(f"Invalid spec: {spec_error}"))
+    if ftj["metadata"].get("deletionTimestamp"):
+        return Verdict(
+            "Cancelled",
+            "Deleting",
+            "The FineTuneJob is being deleted: its training pod is stopped and its Job removed.",
+        )
+    if job is None:
+        return _without_job(status, blocker)
+    return _with_job(ftj, spec, job, _by_age(pods))
+
+
+def _without_job(status: Body, blocker: Blocker | None) -> Verdict:
+    if blocker is not None:
+        return Verdict("Pending", blocker.reason, _clip(blocker.message))
+    if status.get("jobName"):
+        return Verdict(
+            "Cancelled",
+            "JobDeleted",
+            f"The training Job {status['jobName']} was deleted, so this FineTuneJob will not "
+            "run again; create a new FineTuneJob to train again.",
+        )
+    if status.get("phase") == "Pending" and status.get("reason"):
+        # Keep the reason a handler recorded (e.g. PVCNotFound) until the Job exists.
+        return Verdict("Pending", status["reason"], status.get("message") or "")
+    return Verdict("Pending", "Creating", "Creating the training Job.")
+
+
+def _with_job(ftj: Body, spec: FineTuneSpec, job: Body, pods: list[Body]) -> Verdict:
+    started = _started(pods)
+    succeeded = _true_condition(job, "Complete", "SuccessCriteriaMet")
+    if succeeded is not None:
+        finished = (job.get("status") or {}).get("completionTime") or succeeded.get(
+            "lastTransitionTime"
+        )
+        return Verdict(
+            "Succeeded",
+            "Succeeded",
+            f"Training finished; the output was written to {spec.output.uri}.",
+            started=started,
+            finished=finished,
+        )
+    failed = _true_condition(job, "Failed", "FailureTarget")
+    if failed is not None:
+        reason, message = _failure(spec, job, failed, pods)
+        return Verdict(
+            "Failed",
+            reason,
+            _clip(message),
+            started=started,
+            finished=failed.get("lastTransitionTime"),
+        )
+    if (job.get("spec") or {}).get("suspend"):
+        return _suspended(spec, started)
+    return _progress(ftj, spec, job, pods, started=started)
+
+
+def _suspended(spec: FineTuneSpec, started: str | None) -> Verdict:
+    if spec.suspend:
+        return Verdict(
+            "Suspended",
+            "Suspended",
+            "spec.suspend is true: the training pod is stopped. Set it to false to resume from "
+            "the last checkpoint.",
+            started=started,
+        )
+    if spec.queue_name is not None:
+        return Verdict(
+            "Queued",
+            "WaitingForAdmission",
+            f"Waiting for Kueue to admit the job through LocalQueue {spec.queue_name}.",
+            started=started,
+        )
+    return Verdict("Pending", "Resuming", "Resuming the suspended training Job.", started=started)
+
+
+def _progress(
+    ftj: Body, spec: FineTuneSpec, job: Body, pods: list[Body], *, started: str | None
+) -> Verdict:
+    job_name = job["metadata"]["name"]
+    if not pods:
+        return Verdict(
+            "Pending",
+            "WaitingForPod",
+            f"Job {job_name} was created; waiting for its training pod.",
+            started=started,
+        )
+    pod = pods[-1]
+    pod_name = pod["metadata"]["name"]
+    phase = _pod_phase(pod)
+    if phase == "Running":
+        return Verdict(
+            "Running",
+            "TrainerRunning",
+            f"The trainer is running in pod {pod_name}.",
+            started=started,
+        )
+    if phase == "Succeeded":
+        return Verdict(
+            "Running",
+            "TrainerFinished",
+            f"The trainer in pod {pod_name} finished; waiting for Job {job_name} to complete.",
+            started=started,
+        )
+    if phase == "Failed":
+        failures = max(_failures(job), 1)
+        return Verdict(
+            "Pending",
+            "Retrying",
+            _clip(
+                f"Attempt {failures} of {spec.max_retries + 1} failed "
+                f"({_attempt(spec, pod)}); retrying, resuming from the last checkpoint."
+            ),
+            started=started,
+        )
+    return _pending_pod(ftj, spec, pod, pod_name, started)
+
+
+def _pending_pod(
+    ftj: Body, spec: FineTuneSpec, pod: Body, pod_name: str, started: str | None
+) -> Verdict:
+    for cond in _conditions(pod):
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            compute = spec.resources
+            wanted = f"gpus: {compute.gpus} x {compute.gpu_resource_name}"
+            return Verdict(
+                "Pending",
+                "Unschedulable",
+                _clip(
+                    f"The training pod cannot be scheduled: {cond.get('message', '').strip()} "
+                    f"Check spec.resources ({wanted}, cpu, memory, nodeSelector, tolerations, "
+                    "priorityClassName) against the cluster's nodes."
+                ),
+                started=started,
+            )
+    waiting = (_container(pod).get("state") or {}).get("waiting") or {}
+    reason = str(waiting.get("reason") or "")
+    detail = str(waiting.get("message") or "").strip()
+    if reason == "CreateContainerConfigError":
+        return _config_error(ftj, spec, detail, started)
+    if reason in IMAGE_PULL_REASONS:
+        image = _container(pod).get("image") or spec.image
+        return Verdict(
+            "Pending",
+            reason,
+            _clip(
+                f"Cannot pull the trainer image {image}: {detail or reason}. Check spec.image "
+                "(or the operator's default image) and the namespace's image pull secrets."
+            ),
+            started=started,
+        )
+    return Verdict(
+        "Pending", "PodStarting", f"The training pod {pod_name} is starting.", started=started
+    )
+
+
+def _config_error(ftj: Body, spec: FineTuneSpec, detail: str, started: str | None) -> Verdict:
+    ref = spec.storage.credentials_secret_ref
+    # Kubelet: 'secret "x" not found' or "couldn't find key k in Secret ns/x".
+    if ref is not None and ref.name in detail and "ecret" in detail:
+        namespace = ftj["metadata"].get("namespace", "")
+        return Verdict(
+            "Pending",
+            "CredentialsSecretMissing",
+            _clip(
+                f"The training pod cannot start: {detail}. Create Secret {ref.name} in namespace "
+                f"{namespace} with the keys {ref.access_key_id_key} and "
+                f"{ref.secret_access_key_key} (spec.storage.credentialsSecretRef); the pod "
+                "starts once it exists."
+            ),
+            started=started,
+        )
+    return Verdict(
+        "Pending",
+        "CreateContainerConfigError",
+        _clip(f"The training pod cannot start: {detail}."),
+        started=started,
+    )
+
+
+def _failures(job: Body) -> int:
+    """Failed pods the Job counts, including those it has not added to status.failed yet."""
+    status = job.get("status") or {}
+    uncounted = (status.get("uncountedTerminatedPods") or {}).get("failed") or []
+    return int(status.get("failed") or 0) + len(uncounted)
+
+
+def _attempt(spec: FineTuneSpec, pod: Body | None) -> str:
+    """One failed attempt, in words."""
+    terminated = _terminated(pod) if pod is not None else None
+    if terminated is None:
+        return "no details: the pod is gone"
+    if terminated.get("reason") == "OOMKilled":
+        return f"killed for exceeding its memory limit of {spec.resources.memory} (OOMKilled)"
+    code = terminated.get("exitCode")
+    line = first_line(terminated.get("message"))
+    return f"exit code {code}: {line}" if line else f"exit code {code}"
+
+
+def _failure(spec: FineTuneSpec, job: Body, failed: Body, pods: list[Body]) -> tuple[str, str]:
+    job_reason = str(failed.get("reason") or "")
+    if job_reason == "DeadlineExceeded":
+        return (
+            "DeadlineExceeded",
+            f"The job ran longer than spec.timeout ({spec.timeout}) and was stopped. Raise "
+            "spec.timeout, or shorten training (hyperparameters.maxSteps or epochs).",
+        )
+    failed_pods = [p for p in pods if _pod_phase(p) == "Failed"]
+    last = failed_pods[-1] if failed_pods else None
+    terminated = _terminated(last) if last is not None else None
+    if terminated is not None:
+        if terminated.get("reason") == "OOMKilled":
+            return (
+                "OOMKilled",
+                f"The trainer was killed for using more memory than its limit "
+                f"({spec.resources.memory}). Try method qlora, a smaller "
+                "hyperparameters.batchSize or dataset.maxSeqLength, or raise resources.memory.",
+            )
+        code = terminated.get("exitCode")
+        if code in exitcodes.REASONS:
+            reason = exitcodes.REASONS[code]
+            line = first_line(terminated.get("message"))
+            return reason, line or f"The trainer exited with code {code} ({reason})."
+    job_name = job["metadata"]["name"]
+    if job_reason == "BackoffLimitExceeded":
+        failures = max(_failures(job), len(failed_pods))
+        return (
+            "BackoffLimitExceeded",
+            f"The trainer failed {failures} time(s), more than spec.maxRetries "
+            f"({spec.max_retries}) allows; last attempt: {_attempt(spec, last)}. "
+            f"See `kubectl logs job/{job_name}`.",
+        )
+    message = str(failed.get("message") or "").strip()
+    return job_reason or "JobFailed", message or f"Job {job_name} failed."
+
+
+# ------------------------------------------------------------------------------- the status
+
+
+def conditions(
+    verdict: Verdict, generation: int | None, previous: Sequence[Body], now: datetime
+) -> list[Body]:
+    """Our five conditions (then any others, untouched), lastTransitionTime kept when the
+    status of a condition did not change."""
+    phase = verdict.phase
+    wanted = {
+        "Ready": phase == "Succeeded",
+        "Succeeded": phase == "Succeeded",
+        "Failed": phase == "Failed",
+        "Reconciling": phase in IN_PROGRESS,
+        "Stalled": phase == "Failed",
+    }
+    by_type = {str(c.get("type")): c for c in previous}
+    out: list[Body] = []
+    for kind in CONDITION_TYPES:
+        status = "True" if wanted[kind] else "False"
+        old = by_type.get(kind)
+        since = rfc3339(now) if old is None or old.get("status") != status else None
+        cond: dict[str, Any] = {
+            "type": kind,
+            "status": status,
+            "observedGeneration": generation,
+            "lastTransitionTime": since or (old or {}).get("lastTransitionTime") or rfc3339(now),
+            "reason": verdict.reason,
+            "message": verdict.message,
+        }
+        if generation is None:
+            del cond["observedGeneration"]
+        out.append(cond)
+    out.extend(c for c in previous if c.get("type") not in wanted)
+    return out
+
+
+def desired_status(
+    ftj: Body,
+    job: Body | None,
+    pods: Sequence[Body],
+    now: datetime,
+    *,
+    spec: FineTuneSpec | None,
+    spec_error: str | None = None,
+    blocker: Blocker | None = None,
+) -> tuple[Verdict, dict[str, Any]]:
+    """The operator's status fields, all of them, as they should be now."""
+    current = ftj.get("status") or {}
+    verdict = assess(ftj, job, pods, spec=spec, spec_error=spec_error, blocker=blocker)
+    generation = ftj["metadata"].get("generation")
+    out: dict[str, Any] = {
+        "phase": verdict.phase,
+        "reason": verdict.reason,
+        "message": verdict.message,
+        "conditions": conditions(verdict, generation, current.get("conditions") or [], now),
+    }
+    if generation is not None:
+        out["observedGeneration"] = generation
+    start = current.get("startTime") or verdict.started
+    if start:
+        out["startTime"] = start
+    if verdict.phase in TERMINAL:
+        out["completionTime"] = current.get("completionTime") or verdict.finished or rfc3339(now)
+    job_name = job["metadata"]["name"] if job is not None else current.get("jobName")
+    if job_name:
+        out["jobName"] = job_name
+    return verdict, out
+
+
+def status_patch(
+    ftj: Body,
+    job: Body | None,
+    pods: Sequence[Body],
+    now: datetime,
+    *,
+    spec: FineTuneSpec | None,
+    spec_error: str | None = None,
+    blocker: Blocker | None = None,
+) -> tuple[Verdict, dict[str, Any]]:
+    """The verdict, and the merge patch of the owned fields that differ ({} if none do)."""
+    verdict, desired = desired_status(
+        ftj, job, pods, now, spec=spec, spec_error=spec_error, blocker=blocker
+    )
+    current = ftj.get("status") or {}
+    return verdict, {key: value for key, value in desired.items() if current.get(key) != value}

@@ -1,0 +1,532 @@
+"""The FineTuneJob API and the operator against the real control plane.
+
+The CRD is installed from crds/; the operator runs as a `kubetune-operator` subprocess with the
+chart's RBAC (helm template), authenticated as the chart's ServiceAccount, never as admin. Pods
+run on the process node, where the Job's real command `<trainer command> --config
+/etc/kubetune/config.json` starts tests/integration/fake_trainer.py (KUBETUNE_TRAINER_COMMAND),
+which reports status through its own projected ServiceAccount token, as the trainer does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubetune_trainer import exitcodes
+from kubetune_trainer.config import TrainerConfig
+from localenv.testing import Cluster, wait_until
+from operator_harness import (
+    OperatorIdentity,
+    OperatorProcess,
+    PhaseLog,
+    free_port,
+    install_crds,
+    install_operator_identity,
+    operator_env,
+)
+from unit.operator.invalid_manifests import (
+    ALLOWED_UPDATES_AFTER_START,
+    FORBIDDEN_UPDATES_AFTER_START,
+    INVALID_MANIFESTS,
+    STARTED_STATUS,
+    VALID_MANIFEST,
+    InvalidManifest,
+)
+
+pytestmark = pytest.mark.cluster
+
+Obj = dict[str, Any]
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+CHILD_KINDS = ("job", "configmap", "serviceaccount", "role", "rolebinding")
+
+
+# ----------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> None:
+    install_crds(cluster)
+
+
+@pytest.fixture(scope="session")
+def operator_identity(
+    cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorIdentity]:
+    with install_operator_identity(cluster, tmp_path_factory.mktemp("operator")) as identity:
+        yield identity
+
+
+@pytest.fixture
+def restricted_namespace(cluster: Cluster) -> Iterator[str]:
+    """A namespace enforcing Pod Security "restricted": the trainer pod must be admitted."""
+    with cluster.namespace(RESTRICTED) as name:
+        yield name
+
+
+@pytest.fixture
+def start_operator(
+    operator_identity: OperatorIdentity, restricted_namespace: str, tmp_path: Path
+) -> Iterator[Callable[[str], OperatorProcess]]:
+    """Start replicas of the operator watching the test's namespace; all stopped afterwards."""
+    started: list[OperatorProcess] = []
+
+    def start(name: str = "a") -> OperatorProcess:
+        metrics, health = free_port(), free_port()
+        replica = OperatorProcess(
+            name=name,
+            env=operator_env(operator_identity, restricted_namespace, metrics, health),
+            log_path=tmp_path / f"operator-{name}-{len(started)}.log",
+            metrics_port=metrics,
+            health_port=health,
+        )
+        started.append(replica.start())
+        return replica
+
+    yield start
+    for replica in started:
+        replica.stop()
+
+
+@pytest.fixture
+def phase_log(cluster: Cluster, restricted_namespace: str) -> Iterator[PhaseLog]:
+    log = PhaseLog(cluster, restricted_namespace).start()
+    yield log
+    log.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_namespace(cluster: Cluster, crds: None) -> Iterator[str]:
+    with cluster.namespace() as name:
+        yield name
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def finetunejob(name: str, mode: str = "succeed-2", **spec: Any) -> Obj:
+    """A FineTuneJob the stand-in trainer runs in `mode` (see fake_trainer.py)."""
+    manifest = copy.deepcopy(VALID_MANIFEST)
+    manifest["metadata"] = {"name": name}
+    manifest["spec"]["baseModel"] = {"uri": f"s3://fake/{mode}"}
+    manifest["spec"]["resources"] = {"gpus": 1}
+    manifest["spec"].update(spec)
+    return manifest
+
+
+def get(cluster: Cluster, kind: str, name: str, namespace: str) -> Obj | None:
+    result = cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def items(cluster: Cluster, kind: str, namespace: str, selector: str | None = None) -> list[Obj]:
+    args = ["get", kind, "-n", namespace, "-o", "json"]
+    if selector:
+        args += ["-l", selector]
+    return list(json.loads(cluster.kubectl(*args).stdout)["items"])
+
+
+def wait_phase(cluster: Cluster, namespace: str, name: str, phase: str, timeout: float = 60) -> Obj:
+    def reached() -> Obj | None:
+        ftj = get(cluster, "ftj", name, namespace)
+        status = (ftj or {}).get("status") or {}
+        return status if status.get("phase") == phase else None
+
+    return wait_until(reached, timeout, f"FineTuneJob {name} to be {phase}")
+
+
+def conditions(status: Obj) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status.get("conditions", [])}
+
+
+def events(cluster: Cluster, namespace: str, name: str) -> list[Obj]:
+    selector = f"involvedObject.kind=FineTuneJob,involvedObject.name={name}"
+    out = cluster.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", selector, "-o", "json"
+    )
+    return list(json.loads(out.stdout)["items"])
+
+
+def wait_events(
+    cluster: Cluster, namespace: str, name: str, *reasons: str, kind: str | None = None
+) -> list[Obj]:
+    """Until Events with these reasons exist (Kopf posts them in the background, after the
+    status patch); all the FineTuneJob's Events then."""
+
+    def posted() -> list[Obj] | None:
+        found = events(cluster, namespace, name)
+        seen = {e["reason"] for e in found if kind is None or e["type"] == kind}
+        return found if set(reasons) <= seen else None
+
+    return wait_until(posted, 20, f"events {reasons} on {name}")
+
+
+def trainer_pods(cluster: Cluster, namespace: str, name: str) -> list[Obj]:
+    return items(cluster, "pods", namespace, f"kubetune.dev/finetunejob={name}")
+
+
+def terminated(pod: Obj) -> Obj:
+    return dict(pod["status"]["containerStatuses"][0]["state"].get("terminated") or {})
+
+
+# ------------------------------------------------------------------------ the API (no operator)
+
+
+@pytest.mark.parametrize("case", INVALID_MANIFESTS, ids=lambda c: c.id)
+def test_api_server_rejects_invalid_manifest(
+    cluster: Cluster, shared_namespace: str, case: InvalidManifest
+) -> None:
+    result = cluster.kubectl(
+        "apply", "--dry-run=server", "-n", shared_namespace, "-f", "-",
+        input=json.dumps(case.manifest), check=False,
+    )  # fmt: skip
+    assert result.returncode != 0, f"{case.id} was accepted"
+    assert case.expected in result.stderr, result.stderr
+
+
+def test_api_server_freezes_training_settings_once_started(
+    cluster: Cluster, shared_namespace: str
+) -> None:
+    manifest = {**VALID_MANIFEST, "metadata": {"name": "started"}}
+    cluster.apply(manifest, shared_namespace)
+    cluster.kubectl(
+        "patch", "ftj", "started", "-n", shared_namespace, "--subresource=status",
+        "--type=merge", "-p", json.dumps({"status": STARTED_STATUS}),
+    )  # fmt: skip
+    for case in FORBIDDEN_UPDATES_AFTER_START:
+        update = {**case.manifest, "metadata": {"name": "started"}}
+        result = cluster.kubectl(
+            "apply", "--dry-run=server", "-n", shared_namespace, "-f", "-",
+            input=json.dumps(update), check=False,
+        )  # fmt: skip
+        assert result.returncode != 0 and case.expected in result.stderr, (case.id, result.stderr)
+    for allowed in ALLOWED_UPDATES_AFTER_START:
+        update = {**allowed, "metadata": {"name": "started"}}
+        cluster.kubectl(
+            "apply", "--dry-run=server", "-n", shared_namespace, "-f", "-", input=json.dumps(update)
+        )
+
+
+# ------------------------------------------------------------------------------- children
+
+
+def test_each_method_gets_exactly_one_set_of_owned_children(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    methods = {"lora": "ftj-lora", "qlora": "ftj-qlora", "full": "ftj-full"}
+    # Suspended: the children are created, no pod runs.
+    cluster.apply(
+        [finetunejob(name, method=method, suspend=True) for method, name in methods.items()], ns
+    )
+    for method, name in methods.items():
+        status = wait_phase(cluster, ns, name, "Suspended")
+        assert status["jobName"] == f"{name}-train"
+        ftj = get(cluster, "ftj", name, ns)
+        assert ftj is not None
+        uid = ftj["metadata"]["uid"]
+        for kind in CHILD_KINDS:
+            children = items(cluster, kind, ns, f"kubetune.dev/finetunejob={name}")
+            assert len(children) == 1, (kind, [c["metadata"]["name"] for c in children])
+            (owner,) = children[0]["metadata"]["ownerReferences"]
+            assert (owner["kind"], owner["name"], owner["uid"]) == ("FineTuneJob", name, uid)
+            assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
+        (config_map,) = items(cluster, "configmap", ns, f"kubetune.dev/finetunejob={name}")
+        config = TrainerConfig.model_validate_json(config_map["data"]["config.json"])
+        assert config.spec.method == method
+        assert config.job is not None and (config.job.name, config.job.uid) == (name, uid)
+        assert config.spec.storage.endpoint == "http://127.0.0.1:9"  # the operator's default
+        (role,) = items(cluster, "role", ns, f"kubetune.dev/finetunejob={name}")
+        assert role["rules"] == [
+            {
+                "apiGroups": ["kubetune.dev"],
+                "resources": ["finetunejobs/status"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            }
+        ]
+        job = get(cluster, "job", f"{name}-train", ns)
+        assert job is not None and job["spec"]["suspend"] is True
+        assert not trainer_pods(cluster, ns, name)
+
+
+def test_missing_claim_keeps_the_job_pending_without_a_job(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("needs-pvc", output={"uri": "pvc://results/run-1"}), ns)
+    status = wait_phase(cluster, ns, "needs-pvc", "Pending")
+    wait_until(
+        lambda: (
+            (get(cluster, "ftj", "needs-pvc", ns) or {}).get("status", {}).get("reason")
+            == "PVCNotFound"
+        ),
+        30,
+        "reason PVCNotFound",
+    )
+    status = (get(cluster, "ftj", "needs-pvc", ns) or {})["status"]
+    assert "PersistentVolumeClaim results" in status["message"]
+    assert get(cluster, "job", "needs-pvc-train", ns) is None
+    wait_events(cluster, ns, "needs-pvc", "PVCNotFound", kind="Warning")
+
+
+# --------------------------------------------------------------------------------- status
+
+
+def test_status_follows_the_pod_to_succeeded(
+    cluster: Cluster,
+    restricted_namespace: str,
+    start_operator: Callable[[str], OperatorProcess],
+    phase_log: PhaseLog,
+) -> None:
+    ns = restricted_namespace
+    operator = start_operator("a").wait_active()
+    cluster.apply(finetunejob("happy", "succeed-3"), ns)
+    status = wait_phase(cluster, ns, "happy", "Succeeded")
+    assert phase_log.phases("happy")[-3:] == ["Pending", "Running", "Succeeded"]
+    # The operator's fields...
+    assert status["reason"] == "Succeeded"
+    assert conditions(status) == {
+        "Ready": "True",
+        "Succeeded": "True",
+        "Failed": "False",
+        "Reconciling": "False",
+        "Stalled": "False",
+    }
+    ftj = get(cluster, "ftj", "happy", ns)
+    assert ftj is not None
+    assert status["observedGeneration"] == ftj["metadata"]["generation"]
+    assert status["startTime"] <= status["completionTime"]
+    # ...next to the trainer's, which the operator never overwrote.
+    assert status["progress"]["percent"] == 100.0
+    assert status["metrics"]["trainLoss"] == pytest.approx(1.0)
+    assert status["stage"] == "Publishing"
+    # The stand-in's Role: its own status yes; another job's status, pods, spec: no.
+    (pod,) = trainer_pods(cluster, ns, "happy")
+    rbac = json.loads(terminated(pod)["message"])
+    assert rbac == {"own": 200, "other": 403, "pods": 403, "spec": 403}
+    posted = wait_events(cluster, ns, "happy", "JobCreated", "TrainerRunning", "Succeeded")
+    assert [e["reason"] for e in posted].count("JobCreated") == 1
+    sources = {e.get("reportingComponent") or e["source"].get("component") for e in posted}
+    assert sources == {"kubetune-operator"}
+    # Metrics and liveness.
+    code, text = operator.http(operator.metrics_port, "/metrics")
+    assert code == 200
+    assert 'kubetune_finetunejobs{phase="Succeeded"} 1.0' in text
+    assert "kubetune_reconcile_duration_seconds_count" in text
+    assert operator.http(operator.health_port, "/healthz")[0] == 200
+
+
+def test_data_error_fails_at_once_with_the_trainers_message(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("bad-data", "data-error", maxRetries=3), ns)
+    status = wait_phase(cluster, ns, "bad-data", "Failed")
+    assert status["reason"] == exitcodes.REASONS[exitcodes.DATA_ERROR]
+    assert status["message"] == (
+        "train.jsonl line 3: record has no 'messages' field (dataset.format chat)"
+    )
+    assert conditions(status)["Stalled"] == "True"
+    assert conditions(status)["Ready"] == "False"
+    # podFailurePolicy: no retry for a data error, although maxRetries is 3.
+    (pod,) = trainer_pods(cluster, ns, "bad-data")
+    assert terminated(pod)["exitCode"] == exitcodes.DATA_ERROR
+    wait_events(cluster, ns, "bad-data", "DataError", kind="Warning")
+
+
+def test_oom_killed_is_reported_with_a_hint(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    resources = {"gpus": 1, "memory": "256Mi"}
+    cluster.apply(finetunejob("hungry", "oom", maxRetries=0, resources=resources), ns)
+    status = wait_phase(cluster, ns, "hungry", "Failed")
+    assert status["reason"] == "OOMKilled"
+    assert "qlora" in status["message"] and "256Mi" in status["message"]
+    (pod,) = trainer_pods(cluster, ns, "hungry")
+    assert (terminated(pod)["reason"], terminated(pod)["exitCode"]) == ("OOMKilled", 137)
+
+
+def test_missing_credentials_secret_is_explained_until_it_exists(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    storage = {"credentialsSecretRef": {"name": "s3-credentials"}}
+    cluster.apply(finetunejob("no-secret", storage=storage), ns)
+
+    def reason() -> str | None:
+        status = (get(cluster, "ftj", "no-secret", ns) or {}).get("status") or {}
+        return status.get("reason") if status.get("reason") == "CredentialsSecretMissing" else None
+
+    wait_until(reason, 60, "reason CredentialsSecretMissing")
+    status = (get(cluster, "ftj", "no-secret", ns) or {})["status"]
+    assert status["phase"] == "Pending"
+    assert "Create Secret s3-credentials" in status["message"]
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in status["message"]
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "s3-credentials"},
+        "stringData": {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "key"},
+    }
+    cluster.apply(secret, ns)  # the pod starts by itself; the operator never reads the Secret
+    wait_phase(cluster, ns, "no-secret", "Succeeded")
+
+
+# ------------------------------------------------------------------- suspend, delete, restart
+
+
+def test_suspend_stops_the_pod_and_resume_restarts_it(
+    cluster: Cluster,
+    restricted_namespace: str,
+    start_operator: Callable[[str], OperatorProcess],
+    phase_log: PhaseLog,
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("pausable", "sleep-120"), ns)
+    wait_phase(cluster, ns, "pausable", "Running")
+    first_pod = trainer_pods(cluster, ns, "pausable")[0]["metadata"]["name"]
+
+    cluster.kubectl(
+        "patch", "ftj", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
+    wait_phase(cluster, ns, "pausable", "Suspended")
+    job = get(cluster, "job", "pausable-train", ns)
+    assert job is not None and job["spec"]["suspend"] is True
+    wait_until(lambda: not trainer_pods(cluster, ns, "pausable"), 45, "the pod to be deleted")
+
+    cluster.kubectl(
+        "patch", "ftj", "pausable", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+    wait_phase(cluster, ns, "pausable", "Running")
+    (second,) = trainer_pods(cluster, ns, "pausable")
+    assert second["metadata"]["name"] != first_pod
+    assert phase_log.phases("pausable")[-3:] == ["Running", "Suspended", "Running"] or (
+        phase_log.phases("pausable")[-4:] == ["Running", "Suspended", "Pending", "Running"]
+    )
+    wait_events(cluster, ns, "pausable", "Suspending", "Resuming")
+
+
+def test_delete_cascades_to_job_and_pods(
+    cluster: Cluster,
+    restricted_namespace: str,
+    start_operator: Callable[[str], OperatorProcess],
+    phase_log: PhaseLog,
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply([finetunejob("doomed", "sleep-120"), finetunejob("doomed-bg", "sleep-120")], ns)
+    wait_phase(cluster, ns, "doomed", "Running")
+    wait_phase(cluster, ns, "doomed-bg", "Running")
+
+    # Foreground: the FineTuneJob waits for its Job and pod to go, and says it is Cancelled.
+    cluster.kubectl("delete", "ftj", "doomed", "-n", ns, "--cascade=foreground", "--wait=false")
+    # Background (kubectl's default): gone at once; the garbage collector follows.
+    cluster.kubectl("delete", "ftj", "doomed-bg", "-n", ns, "--wait=false")
+
+    def all_gone() -> bool:
+        for name in ("doomed", "doomed-bg"):
+            if get(cluster, "ftj", name, ns) is not None or trainer_pods(cluster, ns, name):
+                return False
+            for kind in CHILD_KINDS:
+                if items(cluster, kind, ns, f"kubetune.dev/finetunejob={name}"):
+                    return False
+        return True
+
+    wait_until(all_gone, 60, "the FineTuneJobs, their children and pods to be deleted")
+    assert "Cancelled" in phase_log.phases("doomed")
+
+
+def test_operator_restart_mid_flight_creates_no_second_job(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    first = start_operator("a").wait_active()
+    cluster.apply(finetunejob("survivor", "succeed-8"), ns)
+    wait_phase(cluster, ns, "survivor", "Running")
+    first.kill()  # mid-flight: the trainer keeps running, nobody watches it
+
+    second = start_operator("b").wait_active(timeout=60)
+    status = wait_phase(cluster, ns, "survivor", "Succeeded")
+    assert status["jobName"] == "survivor-train"
+    assert len(items(cluster, "job", ns, "kubetune.dev/finetunejob=survivor")) == 1
+    assert len(trainer_pods(cluster, ns, "survivor")) == 1
+    posted = wait_events(cluster, ns, "survivor", "JobCreated", "Succeeded")
+    assert [e["reason"] for e in posted].count("JobCreated") == 1
+    assert "Handler 'resumed' succeeded." in second.messages("survivor")
+
+
+def test_two_replicas_never_both_handle_a_job(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    older = start_operator("a").wait_active()
+    newer = start_operator("b")
+    # The younger replica starts paused and stays so: it sees an older, live peer.
+    newer.wait_for_peer_record(cluster, ns, 2)
+    newer.wait_for_log("Activity 'start' succeeded.")
+    cluster.apply(finetunejob("one", suspend=True), ns)
+    wait_phase(cluster, ns, "one", "Suspended")
+    assert len(items(cluster, "job", ns, "kubetune.dev/finetunejob=one")) == 1
+    assert "Handler 'created' succeeded." in older.messages("one")
+    assert not newer.messages("one")  # the paused replica never touched it
+    posted = wait_events(cluster, ns, "one", "JobCreated")
+    assert [e["reason"] for e in posted].count("JobCreated") == 1
+
+    # The active replica dies without a goodbye: the other takes over once its record expires.
+    older.kill()
+    newer.wait_active(timeout=45)
+    cluster.apply(finetunejob("two", suspend=True), ns)
+    wait_phase(cluster, ns, "two", "Suspended")
+    assert "Handler 'created' succeeded." in newer.messages("two")
+    assert len(items(cluster, "job", ns, "kubetune.dev/finetunejob=two")) == 1
+    assert len(items(cluster, "job", ns, "kubetune.dev/finetunejob=one")) == 1
+
+
+def test_crash_is_retried_until_the_backoff_limit(
+    cluster: Cluster,
+    restricted_namespace: str,
+    start_operator: Callable[[str], OperatorProcess],
+    phase_log: PhaseLog,
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("flaky", "crash", maxRetries=1), ns)
+    status = wait_phase(cluster, ns, "flaky", "Failed", timeout=90)
+    assert status["reason"] == "BackoffLimitExceeded"
+    assert "failed 2 time(s), more than spec.maxRetries (1)" in status["message"]
+    assert "RuntimeError: CUDA error" in status["message"]  # the traceback's last line
+    assert len(trainer_pods(cluster, ns, "flaky")) == 2
+    assert "Retrying" in phase_log.reasons("flaky")
+
+
+def test_mutable_settings_reach_the_running_job(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("stretch", "sleep-120"), ns)
+    wait_phase(cluster, ns, "stretch", "Running")
+    # Allowed after the start (the CRD rejects other changes): retries and a (short) timeout.
+    patch = {"spec": {"maxRetries": 5, "timeout": "3s"}}
+    cluster.kubectl("patch", "ftj", "stretch", "-n", ns, "--type=merge", "-p", json.dumps(patch))
+    status = wait_phase(cluster, ns, "stretch", "Failed")
+    assert status["reason"] == "DeadlineExceeded"
+    assert "spec.timeout (3s)" in status["message"]
+    assert status["observedGeneration"] == 2
+    job = get(cluster, "job", "stretch-train", ns)
+    assert job is not None
+    assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"]) == (5, 3)
+    (config_map,) = items(cluster, "configmap", ns, "kubetune.dev/finetunejob=stretch")
+    config = TrainerConfig.model_validate_json(config_map["data"]["config.json"])
+    assert (config.spec.max_retries, config.spec.timeout) == (5, "3s")

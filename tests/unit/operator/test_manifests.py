@@ -1,0 +1,442 @@
+"""The children a FineTuneJob turns into: exactly these objects, deterministic names, a
+PSS-restricted pod, and a trainer that may touch nothing but its own job's status."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from typing import Any
+
+import pytest
+from ftj_objects import NAMESPACE, UID, served
+from invalid_manifests import FULL_MANIFEST, VALID_MANIFEST
+from kubetune_operator import manifests
+from kubetune_operator.settings import OperatorSettings
+from kubetune_trainer import exitcodes
+from kubetune_trainer.config import CONFIG_PATH, TrainerConfig
+
+SETTINGS = OperatorSettings(default_storage_endpoint="http://minio.storage:9000")
+IMAGE = SETTINGS.trainer_image
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+FORMATS = ["auto", "chat", "instruction", "prompt-completion", "text"]
+OWNER = {
+    "apiVersion": "kubetune.dev/v1alpha1",
+    "kind": "FineTuneJob",
+    "name": "support-lora",
+    "uid": UID,
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+LABELS = {
+    "app.kubernetes.io/name": "kubetune-trainer",
+    "app.kubernetes.io/instance": "support-lora",
+    "app.kubernetes.io/component": "trainer",
+    "app.kubernetes.io/part-of": "kubetune",
+    "app.kubernetes.io/managed-by": "kubetune",
+    "kubetune.dev/finetunejob": "support-lora",
+}
+METADATA = {
+    "namespace": NAMESPACE,
+    "labels": LABELS,
+    "annotations": {"kubetune.dev/finetunejob": "support-lora"},
+    "ownerReferences": [OWNER],
+}
+BASE_MOUNTS = [
+    {"name": "config", "mountPath": "/etc/kubetune", "readOnly": True},
+    {"name": "work", "mountPath": "/workspace"},
+    {"name": "tmp", "mountPath": "/tmp"},
+    {"name": "shm", "mountPath": "/dev/shm"},
+]
+BASE_VOLUMES = [
+    {"name": "config", "configMap": {"name": "support-lora-config"}},
+    {"name": "work", "emptyDir": {}},
+    {"name": "tmp", "emptyDir": {}},
+    {"name": "shm", "emptyDir": {"medium": "Memory"}},
+]
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "runAsGroup": 65532,
+    "fsGroup": 65532,
+    "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+}
+BASE_ENV = [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": "/tmp"}]
+POD_FAILURE_POLICY = {
+    "rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": "trainer",
+                "operator": "In",
+                "values": sorted(exitcodes.PERMANENT),
+            },
+        },
+    ]
+}
+
+
+def target(manifest: dict[str, Any] | None = None, **spec: Any) -> manifests.Target:
+    return manifests.target(served(manifest, **spec), SETTINGS)
+
+
+def minimal_job(**overrides: Any) -> dict[str, Any]:
+    """The Job for VALID_MANIFEST, written out in full."""
+    expected: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "support-lora-train", **METADATA},
+        "spec": {
+            "suspend": False,
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": 2,
+            "podFailurePolicy": POD_FAILURE_POLICY,
+            "template": {
+                "metadata": {
+                    "labels": LABELS,
+                    "annotations": {"kubetune.dev/finetunejob": "support-lora"},
+                },
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": "support-lora-trainer",
+                    "automountServiceAccountToken": True,
+                    "enableServiceLinks": False,
+                    "securityContext": POD_SECURITY,
+                    "containers": [
+                        {
+                            "name": "trainer",
+                            "image": IMAGE,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": ["kubetune-trainer", "--config", CONFIG_PATH],
+                            "env": BASE_ENV,
+                            "resources": {
+                                "requests": {"nvidia.com/gpu": "1"},
+                                "limits": {"nvidia.com/gpu": "1"},
+                            },
+                            "volumeMounts": BASE_MOUNTS,
+                            "securityContext": CONTAINER_SECURITY,
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                        }
+                    ],
+                    "volumes": BASE_VOLUMES,
+                },
+            },
+        },
+    }
+    expected["spec"].update(overrides)
+    return expected
+
+
+# ------------------------------------------------------------------------------------- the Job
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_job_is_the_same_for_every_method(method: str) -> None:
+    # The method only changes what the trainer does (it reads it from the config), not the pod.
+    assert manifests.job(target(method=method), SETTINGS) == minimal_job()
+
+
+def test_job_for_every_spec_field() -> None:
+    job = manifests.job(target(FULL_MANIFEST), SETTINGS)
+    assert job["metadata"]["labels"] == {**LABELS, "kueue.x-k8s.io/queue-name": "team-a"}
+    spec = job["spec"]
+    # spec.suspend is true; a queueName alone would also suspend it (Kueue admits it).
+    assert (spec["suspend"], spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (True, 0, 5400)
+    pod = spec["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {
+            "key": "maintenance",
+            "operator": "Equal",
+            "value": "soon",
+            "effect": "NoExecute",
+            "tolerationSeconds": 3600,
+        },
+    ]
+    assert pod["priorityClassName"] == "training-low"
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example/kubetune-trainer:v0.1.0"
+    assert container["resources"] == {
+        "requests": {"cpu": "3500m", "memory": "64Gi", "nvidia.com/mig-3g.40gb": "2"},
+        "limits": {"memory": "64Gi", "nvidia.com/mig-3g.40gb": "2"},  # no CPU limit
+    }
+    assert container["env"] == [
+        *BASE_ENV,
+        {
+            "name": "AWS_ACCESS_KEY_ID",
+            "valueFrom": {"secretKeyRef": {"name": "s3-credentials", "key": "accessKey"}},
+        },
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "s3-credentials", "key": "secretKey"}},
+        },
+    ]
+    # pvc:// inputs are mounted read-only under PVC_ROOT/<claim>.
+    assert pod["volumes"] == [
+        *BASE_VOLUMES,
+        {"name": "pvc-0", "persistentVolumeClaim": {"claimName": "datasets"}},
+        {"name": "pvc-1", "persistentVolumeClaim": {"claimName": "models"}},
+    ]
+    assert container["volumeMounts"] == [
+        *BASE_MOUNTS,
+        {"name": "pvc-0", "mountPath": "/mnt/pvc/datasets", "readOnly": True},
+        {"name": "pvc-1", "mountPath": "/mnt/pvc/models", "readOnly": True},
+    ]
+
+
+def test_output_claim_is_writable_even_when_also_an_input() -> None:
+    t = target(
+        dataset={"trainUri": "pvc://shared/train.jsonl"},
+        output={"uri": "pvc://shared/out"},
+    )
+    assert manifests.pvc_claims(t.spec) == {"shared": False}
+    mounts = manifests.job(t, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert mounts["volumeMounts"][-1] == {
+        "name": "pvc-0",
+        "mountPath": "/mnt/pvc/shared",
+        "readOnly": False,
+    }
+
+
+def test_queue_name_suspends_the_job_for_kueue() -> None:
+    job = manifests.job(target(queueName="gpu-queue"), SETTINGS)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    # Only the Job carries the queue label; the pods do not.
+    assert "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
+
+
+def test_cpu_only_job_requests_no_gpu() -> None:
+    job = manifests.job(target(resources={"gpus": 0, "memory": "8Gi"}), SETTINGS)
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources == {"requests": {"memory": "8Gi"}, "limits": {"memory": "8Gi"}}
+
+
+def test_trainer_command_is_configurable_without_changing_the_job() -> None:
+    settings = OperatorSettings(trainer_command=("python", "/stand-in.py", "--config"))
+    job = manifests.job(manifests.target(served(), settings), settings)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "/stand-in.py", "--config", CONFIG_PATH]
+    expected = minimal_job()["spec"]["template"]["spec"]["containers"][0]
+    assert {k: v for k, v in container.items() if k != "command"} == {
+        k: v for k, v in expected.items() if k != "command"
+    }
+
+
+def test_pod_meets_pod_security_restricted() -> None:
+    """The checks of the PSS "restricted" profile that apply to this pod."""
+    pod = manifests.job(target(FULL_MANIFEST), SETTINGS)["spec"]["template"]["spec"]
+    allowed_volumes = {"configMap", "emptyDir", "persistentVolumeClaim", "projected", "secret"}
+    for volume in pod["volumes"]:
+        assert set(volume) - {"name"} <= allowed_volumes, volume
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "hostNetwork" not in pod and "hostPID" not in pod and "hostIPC" not in pod
+    for container in pod["containers"]:
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security.get("privileged") is not True
+        assert security["readOnlyRootFilesystem"] is True
+        assert "ports" not in container
+        # With a read-only root, everything the trainer writes goes to an emptyDir.
+        writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+        assert {"/workspace", "/tmp"} <= writable
+
+
+def test_pod_failure_policy_fails_fast_on_permanent_exit_codes() -> None:
+    policy = manifests.job(target(), SETTINGS)["spec"]["podFailurePolicy"]
+    ignore, fail = policy["rules"]
+    # Disruptions first: a preempted pod never uses up a retry, whatever its exit code.
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert fail["action"] == "FailJob"
+    assert set(fail["onExitCodes"]["values"]) == set(exitcodes.PERMANENT)
+    assert {exitcodes.DATA_ERROR, exitcodes.CONFIG_ERROR} <= set(fail["onExitCodes"]["values"])
+    assert 1 not in fail["onExitCodes"]["values"]  # a crash is retried
+    assert 137 not in fail["onExitCodes"]["values"]  # so is a kill
+
+
+# --------------------------------------------------------------------------- config and RBAC
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+@pytest.mark.parametrize("data_format", FORMATS)
+def test_config_map_holds_a_valid_trainer_config(method: str, data_format: str) -> None:
+    t = target(method=method, dataset={**VALID_MANIFEST["spec"]["dataset"], "format": data_format})
+    config_map = manifests.config_map(t)
+    assert config_map["metadata"] == {"name": "support-lora-config", **METADATA}
+    assert set(config_map["data"]) == {"config.json"}
+    config = TrainerConfig.model_validate_json(config_map["data"]["config.json"])
+    assert config.job is not None
+    assert (config.job.namespace, config.job.name, config.job.uid) == (
+        NAMESPACE,
+        "support-lora",
+        UID,
+    )
+    assert config.spec.method == method
+    assert config.spec.dataset.format == data_format
+    assert config.work_dir == "/workspace"
+
+
+def test_config_has_the_operators_defaults_filled_in() -> None:
+    config = manifests.trainer_config(target())
+    assert config.spec.storage.endpoint == "http://minio.storage:9000"
+    assert config.spec.image == IMAGE
+    assert config.spec.resources.gpu_resource_name == "nvidia.com/gpu"
+    # Everything else is the spec as the API server defaulted it.
+    spec = served()["spec"]
+    dumped = config.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    assert {k: v for k, v in dumped.items() if k not in ("storage", "image")} == {
+        k: v for k, v in spec.items() if k != "storage"
+    }
+
+
+def test_explicit_settings_win_over_operator_defaults() -> None:
+    t = target(
+        storage={"endpoint": "https://s3.example"},
+        image="registry.example/trainer:v2",
+        resources={"gpuResourceName": "nvidia.com/mig-1g.10gb"},
+    )
+    amd = OperatorSettings(default_gpu_resource_name="amd.com/gpu")
+    assert t.spec.storage.endpoint == "https://s3.example"
+    assert t.spec.image == "registry.example/trainer:v2"
+    assert manifests.target(served(), amd).spec.resources.gpu_resource_name == "amd.com/gpu"
+    explicit = manifests.target(served(resources={"gpuResourceName": "x.io/tpu"}), amd)
+    assert explicit.spec.resources.gpu_resource_name == "x.io/tpu"
+
+
+def test_config_rendering_is_deterministic() -> None:
+    assert manifests.render_config(target()) == manifests.render_config(target())
+    assert json.loads(manifests.render_config(target()))["kind"] == "TrainerConfig"
+
+
+def test_trainer_may_patch_only_its_own_status() -> None:
+    t = target()
+    assert manifests.role(t) == {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "support-lora-trainer", **METADATA},
+        "rules": [
+            {
+                "apiGroups": ["kubetune.dev"],
+                "resources": ["finetunejobs/status"],
+                "resourceNames": ["support-lora"],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+    assert manifests.role_binding(t) == {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "support-lora-trainer", **METADATA},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "support-lora-trainer",
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": "support-lora-trainer", "namespace": NAMESPACE}
+        ],
+    }
+    assert manifests.service_account(t) == {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "support-lora-trainer", **METADATA},
+        "automountServiceAccountToken": False,  # the pod mounts it explicitly
+    }
+
+
+def test_children_come_in_dependency_order_and_are_all_owned() -> None:
+    children = manifests.children(target(), SETTINGS)
+    kinds = [c["kind"] for c in children]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
+    for child in children:
+        assert child["metadata"]["ownerReferences"] == [OWNER]
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune"
+
+
+# ------------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("length", [1, 10, 57, 58, 63, 64, 100, 253])
+def test_names_are_deterministic_dns_labels(length: int) -> None:
+    name = ("a" * (length - 1) + "z") if length > 1 else "z"
+    names = manifests.Names.of(name)
+    assert names == manifests.Names.of(name)
+    for value in (names.job, names.config_map, names.service_account):
+        assert len(value) <= 63 and DNS_LABEL.match(value), value
+    assert len({names.job, names.config_map, names.service_account}) == 3
+    label = manifests.truncate(name)
+    assert len(label) <= 63 and LABEL_VALUE.match(label)
+    if length <= 57:
+        assert names.job == f"{name}-train"
+
+
+def test_long_names_that_share_a_prefix_stay_distinct() -> None:
+    first, second = "x" * 70 + "-one", "x" * 70 + "-two"
+    assert manifests.Names.of(first).job != manifests.Names.of(second).job
+    assert manifests.truncate(first) != manifests.truncate(second)
+
+
+def test_long_dotted_names_keep_the_full_name_in_an_annotation() -> None:
+    name = "team.a." + "b" * 120
+    t = manifests.target(served(name=name), SETTINGS)
+    job = manifests.job(t, SETTINGS)
+    assert len(job["metadata"]["labels"]["kubetune.dev/finetunejob"]) <= 63
+    assert manifests.ftj_name_of(job) == name
+    assert manifests.ftj_name_of({"metadata": job["spec"]["template"]["metadata"]}) == name
+    assert manifests.role(t)["rules"][0]["resourceNames"] == [name]
+
+
+# ---------------------------------------------------------------------------------- updates
+
+
+def test_settings_patch_carries_the_mutable_fields() -> None:
+    patch = manifests.job_settings_patch(target(maxRetries=5, timeout="2h", queueName="q"))
+    assert patch == {
+        "metadata": {"labels": {"kueue.x-k8s.io/queue-name": "q"}},
+        "spec": {"backoffLimit": 5, "activeDeadlineSeconds": 7200},
+    }
+    # Unset values are removed from the Job (merge-patch null).
+    cleared = manifests.job_settings_patch(target())
+    assert cleared["spec"]["activeDeadlineSeconds"] is None
+    assert cleared["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] is None
+
+
+@pytest.mark.parametrize(
+    ("suspend", "queue", "job_suspended", "expected"),
+    [
+        (True, None, False, {"spec": {"suspend": True}}),
+        (False, None, True, {"spec": {"suspend": False}}),
+        (True, None, True, None),
+        (False, None, False, None),
+        # With Kueue, the operator suspends but never resumes: admission does.
+        (True, "q", False, {"spec": {"suspend": True}}),
+        (False, "q", True, None),
+    ],
+)
+def test_suspend_patch(
+    suspend: bool, queue: str | None, job_suspended: bool, expected: dict[str, Any] | None
+) -> None:
+    spec = target(suspend=suspend, **({"queueName": queue} if queue else {})).spec
+    assert manifests.suspend_patch(spec, {"spec": {"suspend": job_suspended}}) == expected
+
+
+def test_builders_do_not_mutate_their_input() -> None:
+    ftj = served(FULL_MANIFEST)
+    before = copy.deepcopy(ftj)
+    manifests.children(manifests.target(ftj, SETTINGS), SETTINGS)
+    assert ftj == before

@@ -1,0 +1,95 @@
+"""The operator's KUBETUNE_* settings: typed, defaulted, and failing by variable name."""
+
+from __future__ import annotations
+
+import kopf
+import pytest
+from kubetune_operator.settings import (
+    OperatorSettings,
+    SettingsError,
+    configure_kopf,
+    load_settings,
+)
+
+
+def test_defaults_without_environment() -> None:
+    settings = load_settings({})
+    assert settings == OperatorSettings()
+    assert settings.trainer_command == ("kubetune-trainer", "--config")
+    assert settings.clusterwide
+    assert settings.peering_name == "kubetune"
+
+
+def test_every_variable_is_read() -> None:
+    settings = load_settings(
+        {
+            "KUBETUNE_TRAINER_IMAGE": "registry.example/trainer:v1",
+            "KUBETUNE_IMAGE_PULL_POLICY": "Always",
+            "KUBETUNE_TRAINER_COMMAND": '["python", "/x.py", "--config"]',
+            "KUBETUNE_DEFAULT_STORAGE_ENDPOINT": "http://minio:9000",
+            "KUBETUNE_DEFAULT_GPU_RESOURCE_NAME": "amd.com/gpu",
+            "KUBETUNE_NAMESPACES": "team-a, team-b",
+            "KUBETUNE_METRICS_PORT": "9090",
+            "KUBETUNE_HEALTH_PORT": "0",
+            "KUBETUNE_PEERING_NAME": "",
+            "KUBETUNE_PEERING_PRIORITY": "5",
+            "KUBETUNE_PEERING_LIFETIME": "15",
+            "KUBETUNE_LOG_FORMAT": "json",
+            "KUBETUNE_LOG_LEVEL": "debug",
+            "KUBETUNE_S3_BUCKET": "ignored: another tool's variable",
+        }
+    )
+    assert settings.trainer_image == "registry.example/trainer:v1"
+    assert settings.image_pull_policy == "Always"
+    assert settings.trainer_command == ("python", "/x.py", "--config")
+    assert settings.default_storage_endpoint == "http://minio:9000"
+    assert settings.default_gpu_resource_name == "amd.com/gpu"
+    assert settings.namespaces == ("team-a", "team-b")
+    assert not settings.clusterwide
+    assert (settings.metrics_port, settings.health_port) == (9090, 0)
+    assert settings.peering_name == ""  # standalone
+    assert settings.effective_priority() == 5
+    assert settings.peering_lifetime == 15
+    assert (settings.log_format, settings.log_level) == ("json", "debug")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("KUBETUNE_METRICS_PORT", "eighty"),
+        ("KUBETUNE_HEALTH_PORT", "70000"),
+        ("KUBETUNE_IMAGE_PULL_POLICY", "Sometimes"),
+        ("KUBETUNE_TRAINER_COMMAND", "kubetune-trainer --config"),
+        ("KUBETUNE_TRAINER_COMMAND", "[]"),
+        ("KUBETUNE_DEFAULT_STORAGE_ENDPOINT", "minio:9000"),
+        ("KUBETUNE_DEFAULT_GPU_RESOURCE_NAME", "gpu"),
+        ("KUBETUNE_NAMESPACES", "Team_A"),
+        ("KUBETUNE_PEERING_NAME", "Not A Name"),
+        ("KUBETUNE_PEERING_LIFETIME", "1"),
+        ("KUBETUNE_LOG_FORMAT", "xml"),
+    ],
+)
+def test_a_bad_value_names_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({variable: value})
+    assert str(info.value).startswith(variable), str(info.value)
+
+
+def test_seniority_priority_prefers_the_older_replica() -> None:
+    settings = OperatorSettings()
+    older, newer = settings.effective_priority(1000.0), settings.effective_priority(1001.0)
+    assert older > newer
+
+
+def test_kopf_keeps_its_state_in_annotations_under_our_group() -> None:
+    kopf_settings = kopf.OperatorSettings()
+    configure_kopf(kopf_settings, OperatorSettings(peering_lifetime=20), "replica-0")
+    progress = kopf_settings.persistence.progress_storage
+    diffbase = kopf_settings.persistence.diffbase_storage
+    assert isinstance(progress, kopf.AnnotationsProgressStorage)
+    assert isinstance(diffbase, kopf.AnnotationsDiffBaseStorage)
+    assert progress.prefix == diffbase.prefix == "kubetune.dev"
+    assert kopf_settings.peering.lifetime == 20
+    assert kopf_settings.scanning.disabled
+    assert kopf_settings.posting.reporting_component == "kubetune-operator"
+    assert max(kopf_settings.networking.error_backoffs) >= 60  # type: ignore[call-overload,unused-ignore]

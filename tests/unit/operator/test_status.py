@@ -1,0 +1,452 @@
+"""FineTuneJob status from realistic Job and pod states: the phase, a reason a user can act on,
+kstatus conditions whose lastTransitionTime only moves on a real transition, and never a field
+the trainer owns."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from ftj_objects import (
+    T1,
+    T2,
+    complete_job,
+    failed_job,
+    job,
+    pod,
+    running_pod,
+    served,
+    terminated_pod,
+    unschedulable_pod,
+    waiting_pod,
+)
+from kubetune_operator import manifests, status
+from kubetune_operator.settings import OperatorSettings
+from kubetune_trainer import exitcodes
+from kubetune_trainer.api import FineTuneStatus
+
+NOW = datetime(2026, 1, 1, 10, 0, 10, tzinfo=UTC)
+LATER = NOW + timedelta(minutes=5)
+SETTINGS = OperatorSettings()
+TRAINER_STATUS = {
+    "stage": "Training",
+    "progress": {"step": 10, "totalSteps": 100, "percent": 10.0},
+    "metrics": {"trainLoss": 1.5},
+    "parameters": {"trainable": 1, "total": 2},
+    "estimate": {"gpuMemoryBytes": 3},
+    "output": {"files": []},
+}
+
+Obj = dict[str, Any]
+
+
+def evaluate(
+    ftj: Obj, job_body: Obj | None, pods: list[Obj], now: datetime = NOW, **kwargs: Any
+) -> tuple[status.Verdict, Obj]:
+    spec = manifests.effective_spec(manifests.parse_spec(ftj), SETTINGS)
+    return status.status_patch(ftj, job_body, pods, now, spec=spec, **kwargs)
+
+
+def verdict(ftj: Obj, job_body: Obj | None, pods: list[Obj], **kwargs: Any) -> status.Verdict:
+    return evaluate(ftj, job_body, pods, **kwargs)[0]
+
+
+def applied(ftj: Obj, patch: Obj) -> Obj:
+    """The FineTuneJob after the API server merged the status patch."""
+    return {**ftj, "status": {**(ftj.get("status") or {}), **patch}}
+
+
+def conditions(patch: Obj) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in patch["conditions"]}
+
+
+# ---------------------------------------------------------------------------- happy path
+
+
+def test_no_job_yet_is_pending() -> None:
+    result, patch = evaluate(served(), None, [])
+    assert (result.phase, result.reason) == ("Pending", "Creating")
+    assert patch["phase"] == "Pending"
+    assert conditions(patch) == {
+        "Ready": "False",
+        "Succeeded": "False",
+        "Failed": "False",
+        "Reconciling": "True",
+        "Stalled": "False",
+    }
+    assert "jobName" not in patch and "startTime" not in patch
+
+
+def test_job_without_pods_waits_for_its_pod() -> None:
+    result, patch = evaluate(served(), job(), [])
+    assert (result.phase, result.reason) == ("Pending", "WaitingForPod")
+    assert patch["jobName"] == "support-lora-train"
+
+
+def test_scheduled_pod_that_is_being_created_is_starting() -> None:
+    result = verdict(served(), job(), [waiting_pod("ContainerCreating", "")])
+    assert (result.phase, result.reason) == ("Pending", "PodStarting")
+
+
+def test_running_pod_is_running_and_starts_the_clock() -> None:
+    result, patch = evaluate(served(), job(), [running_pod(started=T1)])
+    assert (result.phase, result.reason) == ("Running", "TrainerRunning")
+    assert patch["startTime"] == T1  # when the trainer container started, not when seen
+    assert conditions(patch)["Reconciling"] == "True"
+    assert conditions(patch)["Ready"] == "False"
+
+
+def test_succeeded() -> None:
+    ftj = served(status={"phase": "Running", "startTime": T1, **TRAINER_STATUS})
+    result, patch = evaluate(ftj, complete_job(), [terminated_pod(0, reason="Completed")])
+    assert (result.phase, result.reason) == ("Succeeded", "Succeeded")
+    assert "s3://outputs/support-lora" in result.message
+    assert patch["completionTime"] == T2  # the Job's completionTime
+    assert "startTime" not in patch  # unchanged
+    assert conditions(patch) == {
+        "Ready": "True",
+        "Succeeded": "True",
+        "Failed": "False",
+        "Reconciling": "False",
+        "Stalled": "False",
+    }
+
+
+def test_pod_done_before_the_job_notices_is_still_running() -> None:
+    result = verdict(served(), job(), [terminated_pod(0, reason="Completed")])
+    assert (result.phase, result.reason) == ("Running", "TrainerFinished")
+
+
+# ---------------------------------------------------------------------------------- pending
+
+
+def test_unschedulable_carries_the_schedulers_message() -> None:
+    result = verdict(served(), job(), [unschedulable_pod()])
+    assert (result.phase, result.reason) == ("Pending", "Unschedulable")
+    assert "3 Insufficient nvidia.com/gpu" in result.message
+    assert "gpus: 1 x nvidia.com/gpu" in result.message
+    assert result.is_problem
+
+
+@pytest.mark.parametrize(
+    "kubelet_message",
+    [
+        'secret "s3-credentials" not found',
+        "couldn't find key accessKey in Secret team-a/s3-credentials",
+    ],
+)
+def test_missing_credentials_secret_names_the_secret_and_keys(kubelet_message: str) -> None:
+    ftj = served(
+        storage={
+            "credentialsSecretRef": {
+                "name": "s3-credentials",
+                "accessKeyIdKey": "accessKey",
+                "secretAccessKeyKey": "secretKey",
+            }
+        }
+    )
+    pods = [waiting_pod("CreateContainerConfigError", kubelet_message)]
+    result = verdict(ftj, job(), pods)
+    assert (result.phase, result.reason) == ("Pending", "CredentialsSecretMissing")
+    assert kubelet_message in result.message
+    assert "Create Secret s3-credentials in namespace team-a" in result.message
+    assert "accessKey and secretKey" in result.message
+
+
+def test_other_config_errors_are_reported_as_they_are() -> None:
+    pods = [waiting_pod("CreateContainerConfigError", 'configmap "x" not found')]
+    result = verdict(served(), job(), pods)
+    assert (result.phase, result.reason) == ("Pending", "CreateContainerConfigError")
+    assert 'configmap "x" not found' in result.message
+
+
+@pytest.mark.parametrize("reason", ["ImagePullBackOff", "ErrImagePull"])
+def test_image_pull_errors_name_the_image(reason: str) -> None:
+    message = 'Back-off pulling image "registry.example/kubetune-trainer:v9"'
+    pods = [waiting_pod(reason, message)]
+    result = verdict(served(image="registry.example/kubetune-trainer:v9"), job(), pods)
+    assert (result.phase, result.reason) == ("Pending", reason)
+    assert "registry.example/kubetune-trainer:v9" in result.message
+    assert "spec.image" in result.message
+
+
+def test_a_failed_attempt_with_retries_left_is_retrying() -> None:
+    first = terminated_pod(1, message="Traceback (most recent call last):\n  ...\nKeyError: 'x'")
+    second = waiting_pod("ContainerCreating", "")
+    second["metadata"]["creationTimestamp"] = T2
+    second["metadata"]["name"] = "support-lora-train-second"
+    result = verdict(served(), job(failed=1), [second, first])
+    assert (result.phase, result.reason) == ("Pending", "PodStarting")  # the newest pod counts
+    result = verdict(served(), job(failed=1, active=0), [first])
+    assert (result.phase, result.reason) == ("Pending", "Retrying")
+    assert "Attempt 1 of 3 failed (exit code 1: KeyError: 'x')" in result.message
+
+
+def test_suspended_and_queued() -> None:
+    result = verdict(served(suspend=True), job(suspend=True, active=0), [])
+    assert (result.phase, result.reason) == ("Suspended", "Suspended")
+    result = verdict(served(queueName="gpu-queue"), job(suspend=True, active=0), [])
+    assert (result.phase, result.reason) == ("Queued", "WaitingForAdmission")
+    assert "gpu-queue" in result.message
+    # Un-suspended in spec, the Job not yet: resuming.
+    result = verdict(served(), job(suspend=True, active=0), [])
+    assert (result.phase, result.reason) == ("Pending", "Resuming")
+
+
+def test_suspended_job_is_neither_reconciling_nor_stalled() -> None:
+    _, patch = evaluate(served(suspend=True), job(suspend=True, active=0), [])
+    assert conditions(patch)["Reconciling"] == "False"
+    assert conditions(patch)["Stalled"] == "False"
+
+
+def test_missing_claim_blocks_the_job() -> None:
+    blocker = status.Blocker("PVCNotFound", "PersistentVolumeClaim data does not exist")
+    result, patch = evaluate(served(), None, [], blocker=blocker)
+    assert (result.phase, result.reason) == ("Pending", "PVCNotFound")
+    # Until the Job exists, another status computation keeps that reason.
+    again = verdict(applied(served(), patch), None, [])
+    assert (again.phase, again.reason) == ("Pending", "PVCNotFound")
+
+
+# ----------------------------------------------------------------------------------- failed
+
+
+def test_oom_killed_suggests_how_to_fit() -> None:
+    ftj = served(resources={"memory": "16Gi"}, maxRetries=0)
+    failed = failed_job("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    oom = terminated_pod(137, reason="OOMKilled")
+    result, patch = evaluate(ftj, failed, [oom])
+    assert (result.phase, result.reason) == ("Failed", "OOMKilled")
+    for hint in ("qlora", "batchSize", "maxSeqLength", "resources.memory", "16Gi"):
+        assert hint in result.message
+    assert conditions(patch)["Stalled"] == "True"
+    assert conditions(patch)["Failed"] == "True"
+    assert conditions(patch)["Reconciling"] == "False"
+    assert patch["completionTime"] == T2
+
+
+@pytest.mark.parametrize("code", sorted(exitcodes.REASONS))
+def test_permanent_exit_code_reports_the_first_line_of_the_termination_message(code: int) -> None:
+    message = "train.jsonl line 3: record has no 'messages' field\nsecond line\n"
+    failed = failed_job(
+        "PodFailurePolicy",
+        "Container trainer for pod team-a/support-lora-train-x7k2p failed with exit code "
+        f"{code} matching FailJob rule at index 1",
+    )
+    result = verdict(served(), failed, [terminated_pod(code, message=message)])
+    assert (result.phase, result.reason) == ("Failed", exitcodes.REASONS[code])
+    assert result.message == "train.jsonl line 3: record has no 'messages' field"
+
+
+def test_permanent_exit_code_without_message_still_says_what_happened() -> None:
+    failed = failed_job("PodFailurePolicy", "matching FailJob rule")
+    result = verdict(served(), failed, [terminated_pod(exitcodes.CONFIG_ERROR)])
+    assert (result.phase, result.reason) == ("Failed", "ConfigError")
+    assert str(exitcodes.CONFIG_ERROR) in result.message
+
+
+def test_deadline_exceeded_points_at_the_timeout() -> None:
+    failed = failed_job("DeadlineExceeded", "Job was active longer than specified deadline")
+    result = verdict(served(timeout="1h30m"), failed, [])
+    assert (result.phase, result.reason) == ("Failed", "DeadlineExceeded")
+    assert "spec.timeout (1h30m)" in result.message
+
+
+def test_backoff_limit_exceeded_quotes_the_last_attempt() -> None:
+    traceback = (
+        'Traceback (most recent call last):\n  File "train.py", line 1\n'
+        "RuntimeError: CUDA error: an illegal memory access was encountered\n"
+    )
+    pods = [
+        terminated_pod(1, message="Traceback (most recent call last):\nValueError: first"),
+        terminated_pod(1, message=traceback, name="support-lora-train-b", created=T1),
+        terminated_pod(1, message=traceback, name="support-lora-train-c", created=T2),
+    ]
+    failed = failed_job("BackoffLimitExceeded", "Job has reached the specified backoff limit", 3)
+    result = verdict(served(), failed, pods)
+    assert (result.phase, result.reason) == ("Failed", "BackoffLimitExceeded")
+    assert "failed 3 time(s), more than spec.maxRetries (2) allows" in result.message
+    assert "exit code 1: RuntimeError: CUDA error: an illegal memory access" in result.message
+    assert "kubectl logs job/support-lora-train" in result.message
+
+
+def test_other_job_failures_keep_the_job_controllers_words() -> None:
+    failed = failed_job("MaxFailedIndexesExceeded", "Job has exceeded maxFailedIndexes")
+    result = verdict(served(), failed, [])
+    assert (result.phase, result.reason) == ("Failed", "MaxFailedIndexesExceeded")
+    assert result.message == "Job has exceeded maxFailedIndexes"
+
+
+def test_invalid_spec_fails_for_good() -> None:
+    ftj = served()
+    result, patch = status.status_patch(ftj, None, [], NOW, spec=None, spec_error="spec.x: bad")
+    assert (result.phase, result.reason) == ("Failed", "InvalidSpec")
+    assert result.message == "Invalid spec: spec.x: bad"
+    assert conditions(patch)["Stalled"] == "True"
+
+
+# -------------------------------------------------------------------------------- cancelled
+
+
+def test_foreground_deletion_is_cancelled() -> None:
+    ftj = served(status={"phase": "Running"})
+    ftj["metadata"]["deletionTimestamp"] = T2
+    result, patch = evaluate(ftj, job(), [running_pod()])
+    assert (result.phase, result.reason) == ("Cancelled", "Deleting")
+    assert conditions(patch)["Reconciling"] == "False"
+    assert "completionTime" in patch
+
+
+def test_deleted_job_cancels_and_is_not_recreated() -> None:
+    ftj = served(status={"phase": "Running", "jobName": "support-lora-train"})
+    result = verdict(ftj, None, [])
+    assert (result.phase, result.reason) == ("Cancelled", "JobDeleted")
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_terminal_phases_are_final(phase: str) -> None:
+    # Deleted afterwards, with the Job gone: still what it was, not Cancelled.
+    ftj = served(status={"phase": phase, "reason": "Because", "message": "done"})
+    ftj["metadata"]["deletionTimestamp"] = T2
+    result = verdict(ftj, None, [])
+    assert (result.phase, result.reason, result.message) == (phase, "Because", "done")
+    # And a running pod (say, a Job recreated by hand) does not revive it.
+    result = verdict(ftj, job(), [running_pod()])
+    assert (result.phase, result.reason) == (phase, "Because")
+
+
+def test_cancelled_stays_cancelled() -> None:
+    ftj = served(status={"phase": "Cancelled", "reason": "JobDeleted", "jobName": "x"})
+    assert verdict(ftj, job(), [running_pod()]).phase == "Cancelled"
+
+
+# --------------------------------------------------------------------- conditions and patches
+
+
+def test_nothing_changed_means_no_patch() -> None:
+    ftj = served()
+    _, patch = evaluate(ftj, job(), [running_pod()])
+    ftj = applied(ftj, patch)
+    # Much later, the same observations: nothing to send, timestamps untouched.
+    _, again = evaluate(ftj, job(), [running_pod()], now=LATER)
+    assert again == {}
+
+
+def test_last_transition_time_moves_only_with_the_status() -> None:
+    ftj = applied(served(), evaluate(served(), job(), [running_pod()])[1])
+    before = {c["type"]: c for c in ftj["status"]["conditions"]}
+    _, patch = evaluate(ftj, complete_job(), [terminated_pod(0, reason="Completed")], now=LATER)
+    after = {c["type"]: c for c in patch["conditions"]}
+    stamp = status.rfc3339(LATER)
+    assert after["Ready"]["lastTransitionTime"] == stamp  # False -> True
+    assert after["Reconciling"]["lastTransitionTime"] == stamp  # True -> False
+    for kind in ("Failed", "Stalled"):  # False -> False: reason changed, not the status
+        assert after[kind]["lastTransitionTime"] == before[kind]["lastTransitionTime"]
+        assert after[kind]["reason"] == "Succeeded"
+
+
+def test_reason_change_within_a_phase_patches_only_what_changed() -> None:
+    ftj = applied(served(), evaluate(served(), job(), [unschedulable_pod()])[1])
+    _, patch = evaluate(ftj, job(), [waiting_pod("ContainerCreating", "")], now=LATER)
+    assert set(patch) == {"reason", "message", "conditions"}
+    assert patch["reason"] == "PodStarting"
+
+
+def test_observed_generation_follows_the_spec() -> None:
+    ftj = applied(served(), evaluate(served(), job(), [running_pod()])[1])
+    ftj["metadata"]["generation"] = 2  # e.g. maxRetries changed
+    _, patch = evaluate(ftj, job(), [running_pod()], now=LATER)
+    assert set(patch) == {"observedGeneration", "conditions"}
+    assert patch["observedGeneration"] == 2
+    assert {c["observedGeneration"] for c in patch["conditions"]} == {2}
+    times = {c["type"]: c["lastTransitionTime"] for c in ftj["status"]["conditions"]}
+    assert {c["type"]: c["lastTransitionTime"] for c in patch["conditions"]} == times
+
+
+def test_trainer_fields_are_never_written() -> None:
+    ftj = served(status={"phase": "Running", **TRAINER_STATUS})
+    for job_body, pods in [
+        (job(), [running_pod()]),
+        (complete_job(), [terminated_pod(0, reason="Completed")]),
+        (failed_job("BackoffLimitExceeded", "x"), [terminated_pod(137, reason="OOMKilled")]),
+    ]:
+        _, patch = evaluate(ftj, job_body, pods)
+        assert set(patch) <= set(status.OWNED_FIELDS)
+        assert not set(patch) & set(TRAINER_STATUS)
+
+
+def test_other_conditions_are_kept() -> None:
+    foreign = {
+        "type": "example.com/Audited",
+        "status": "True",
+        "lastTransitionTime": T1,
+        "reason": "Seen",
+        "message": "",
+    }
+    ftj = served(status={"conditions": [foreign]})
+    _, patch = evaluate(ftj, job(), [running_pod()])
+    assert patch["conditions"][-1] == foreign
+    assert [c["type"] for c in patch["conditions"][:5]] == list(status.CONDITION_TYPES)
+
+
+def test_start_time_is_set_once() -> None:
+    ftj = served(status={"startTime": T1})
+    later_pod = running_pod(started=T2)
+    _, patch = evaluate(ftj, job(failed=1), [later_pod])
+    assert "startTime" not in patch
+
+
+def test_status_fits_the_api_schema() -> None:
+    for job_body, pods in [
+        (None, []),
+        (job(), [unschedulable_pod()]),
+        (job(), [running_pod()]),
+        (complete_job(), [terminated_pod(0, reason="Completed")]),
+        (failed_job("BackoffLimitExceeded", "x"), [terminated_pod(137, reason="OOMKilled")]),
+    ]:
+        _, patch = evaluate(served(), job_body, pods)
+        FineTuneStatus.model_validate(patch)
+        assert len(patch["message"]) <= status.MESSAGE_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("bad data\nmore", "bad data"),
+        ("\n\n  leading blank lines\n", "leading blank lines"),
+        ("Traceback (most recent call last):\n  File x\nValueError: boom\n", "ValueError: boom"),
+        ("step 10 loss 1.2\nTraceback (most recent call last):\nKeyError: 'x'", "KeyError: 'x'"),
+        ("", ""),
+        (None, ""),
+    ],
+)
+def test_first_line(text: str | None, line: str) -> None:
+    assert status.first_line(text) == line
+
+
+def test_pod_without_container_status_is_starting() -> None:
+    result = verdict(served(), job(), [pod()])
+    assert (result.phase, result.reason) == ("Pending", "PodStarting")
+
+
+def test_terminal_details_improve_within_the_same_phase() -> None:
+    # The Job controller marks the Job failing before it counts the last failed pod.
+    early = failed_job("BackoffLimitExceeded", "backoff", failed=1)
+    pods = [
+        terminated_pod(1, message="boom"),
+        terminated_pod(1, message="boom", name="support-lora-train-b", created=T1),
+    ]
+    ftj = served(maxRetries=1)
+    first, patch = evaluate(ftj, early, pods)
+    assert "failed 2 time(s)" in first.message  # counted from the pods
+    late = failed_job("BackoffLimitExceeded", "backoff", failed=2)
+    second, again = evaluate(applied(ftj, patch), late, pods, now=LATER)
+    assert second.phase == "Failed" and again == {}
+
+
+def test_uncounted_failures_count() -> None:
+    pending = job(failed=0, active=0)
+    pending["status"]["uncountedTerminatedPods"] = {"failed": ["uid-1"]}
+    result = verdict(served(), pending, [terminated_pod(1, message="boom")])
+    assert "Attempt 1 of 3 failed (exit code 1: boom)" in result.message
