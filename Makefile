@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries cluster-up cluster-down cluster-status lint test demo crds
+.PHONY: help venv binaries cluster-up cluster-down cluster-status lint test demo crds chart bench
 
 help:
 	@echo "make demo          bring up the local cluster + S3 and show how to use it"
@@ -41,6 +41,10 @@ cluster-status:
 # The FineTuneJob CRD is generated from trainer_image/kubetune_trainer/api.py; commit the result.
 crds: venv
 	$(PY) -m kubetune_operator.crd crds/kubetune.dev_finetunejobs.yaml
+
+# The chart's CRD template, values.schema.json and values table come from crds/ and values.yaml.
+chart: venv
+	$(PY) charts/generate.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -52,3 +52,15 @@ app.kubernetes.io/component: operator
 {{- required "serviceAccount.name must name an existing ServiceAccount when serviceAccount.create is false" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/* An image reference from {repository, tag, digest}: the digest wins, the tag defaults to
+the chart's appVersion. Usage: include "kubetune.image" (list .Values.image .Chart.AppVersion) */}}
+{{- define "kubetune.image" -}}
+{{- $image := index . 0 }}
+{{- $default := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $default $image.tag) }}
+{{- end }}
+{{- end }}
