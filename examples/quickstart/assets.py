@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -176,11 +177,19 @@ def write_assets(out: Path, train: int = 400, validation: int = 40, seed: int = 
     return out
 
 
-def upload(local: Path, uri: str) -> None:
+def upload(local: Path, uri: str, env: dict[str, str] | None = None) -> None:
+    """Upload a directory; `env` holds AWS_* settings (default: this process's environment)."""
     import boto3  # noqa: PLC0415
 
+    env = dict(os.environ if env is None else env)
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    s3 = boto3.client("s3")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env.get("AWS_ENDPOINT_URL"),
+        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         key = f"{prefix.rstrip('/')}/{path.relative_to(local).as_posix()}".lstrip("/")
         s3.upload_file(str(path), bucket, key)

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
-from kubetune_trainer.api import GROUP, PLURAL, VERSION
 
 from kubetune_operator import metrics, reconcile
 from kubetune_operator.kube import Kube
@@ -35,6 +34,7 @@ from kubetune_operator.settings import (
     configure_kopf,
     load_settings,
 )
+from kubetune_trainer.api import GROUP, PLURAL, VERSION
 
 FTJ = (GROUP, VERSION, PLURAL)
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}

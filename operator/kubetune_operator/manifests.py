@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune_operator.settings import MANAGED_BY, MANAGED_BY_LABEL, OperatorSettings
 from kubetune_trainer import exitcodes
 from kubetune_trainer.api import (
     API_VERSION,
@@ -34,8 +35,6 @@ from kubetune_trainer.config import (
     JobIdentity,
     TrainerConfig,
 )
-
-from kubetune_operator.settings import MANAGED_BY, MANAGED_BY_LABEL, OperatorSettings
 
 Body = dict[str, Any]
 

@@ -18,10 +18,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import kopf
-from kubetune_trainer.api import Phase
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from kubetune_trainer.api import Phase
 
 PHASES: tuple[Phase, ...] = (
     "Pending",

@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 import kopf
-from kubetune_trainer.api import API_VERSION, PLURAL
-from kubetune_trainer.config import CONFIG_KEY
 
 from kubetune_operator import manifests, metrics, status, validation
 from kubetune_operator.kube import ApiError, Kube, path
 from kubetune_operator.settings import OperatorSettings
+from kubetune_trainer.api import API_VERSION, PLURAL
+from kubetune_trainer.config import CONFIG_KEY
 
 Body = Mapping[str, Any]
 

@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from typing import Annotated, Literal
 
 import kopf
-from kubetune_trainer.api import DNS_LABEL_PATTERN, GROUP
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kubetune_trainer.api import DNS_LABEL_PATTERN, GROUP
 
 ENV_PREFIX = "KUBETUNE_"
 # Labels selecting the Jobs and pods this operator made; also used server-side in the watches.

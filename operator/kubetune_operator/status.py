@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from kubetune_operator.manifests import CONTAINER
 from kubetune_trainer import exitcodes
 from kubetune_trainer.api import FineTuneSpec, Phase
-
-from kubetune_operator.manifests import CONTAINER
 
 Body = Mapping[str, Any]
 

@@ -21,11 +21,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from kubetune_trainer.api import FineTuneSpec
 from pydantic import ValidationError
 
 from kubetune_operator.manifests import parse_spec, pvc_claims
 from kubetune_operator.status import Blocker
+from kubetune_trainer.api import FineTuneSpec
 
 # Looks an object up by API path; returns None when it does not exist (kube.Kube.get).
 Getter = Callable[[str], Awaitable[Mapping[str, Any] | None]]

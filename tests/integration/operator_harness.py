@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from localenv.testing import ROOT, Cluster, wait_until
 
 CHART = ROOT / "charts" / "kubetune"

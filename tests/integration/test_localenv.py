@@ -16,6 +16,7 @@ from typing import Any
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
+
 from localenv.testing import Cluster, wait_until
 
 pytestmark = pytest.mark.cluster

@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune_trainer import exitcodes
-from kubetune_trainer.config import TrainerConfig
-from localenv.testing import Cluster, wait_until
 from operator_harness import (
     OperatorIdentity,
     OperatorProcess,
@@ -36,6 +33,10 @@ from unit.operator.invalid_manifests import (
     VALID_MANIFEST,
     InvalidManifest,
 )
+
+from kubetune_trainer import exitcodes
+from kubetune_trainer.config import TrainerConfig
+from localenv.testing import Cluster, wait_until
 
 pytestmark = pytest.mark.cluster
 

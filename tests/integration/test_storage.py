@@ -21,6 +21,7 @@ from typing import Any
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
+
 from kubetune_trainer.api import StorageConfig
 from kubetune_trainer.storage import (
     COMPLETE_MARKER,

@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 from invalid_manifests import VALID_MANIFEST
+
 from kubetune_trainer.api import FineTuneSpec
 
 Obj = dict[str, Any]

@@ -17,9 +17,10 @@ from invalid_manifests import (
     VALID_MANIFEST,
     InvalidManifest,
 )
+from pydantic import ValidationError
+
 from kubetune_operator import crd
 from kubetune_trainer.api import MUTABLE_AFTER_START, FineTuneJob, FineTuneSpec
-from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[3]
 CRD_FILE = ROOT / crd.CRD_PATH

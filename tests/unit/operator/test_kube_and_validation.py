@@ -11,6 +11,7 @@ import kopf
 import pytest
 from ftj_objects import served
 from kubernetes_asyncio.client.exceptions import ApiException
+
 from kubetune_operator import kube, manifests, validation
 
 

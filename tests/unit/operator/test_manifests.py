@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from ftj_objects import NAMESPACE, UID, served
 from invalid_manifests import FULL_MANIFEST, VALID_MANIFEST
+
 from kubetune_operator import manifests
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer import exitcodes

@@ -21,6 +21,7 @@ from ftj_objects import (
     unschedulable_pod,
     waiting_pod,
 )
+
 from kubetune_operator import manifests, status
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer import exitcodes

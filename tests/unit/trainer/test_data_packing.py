@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from kubetune_trainer.data.packing import (
     batch_rows,
     collate_packed,
@@ -16,7 +18,6 @@ from kubetune_trainer.data.packing import (
     packing_efficiency,
 )
 from kubetune_trainer.data.tokenize import IGNORE_INDEX, Example
-from transformers import LlamaConfig, LlamaForCausalLM
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from kubetune_trainer.data.records import (
     DatasetError,
     load_records,

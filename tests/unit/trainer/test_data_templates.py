@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
 from kubetune_trainer.data.records import DatasetError, Record
 from kubetune_trainer.data.templates import ALPACA_PROMPT_NO_INPUT, alpaca_prompt
 from kubetune_trainer.data.tokenize import IGNORE_INDEX, Example, tokenize_records

@@ -20,6 +20,8 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
+
 from kubetune_trainer.api import FineTuneSpec, StorageConfig
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.storage import (
@@ -42,7 +44,6 @@ from kubetune_trainer.storage import (
     verify_manifest,
     write_manifest,
 )
-from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 
 KEY_ID = "AKIAEXAMPLEKEYID0001"
 SECRET = "s3cr3t/EXAMPLE+key/abcdefghijklmnop"

@@ -1,0 +1,213 @@
+"""End to end, as a platform team runs it: helm install, kubectl apply, kubectl wait.
+
+The chart's operator Deployment runs on the process node with the chart's ServiceAccount token
+(so the chart's RBAC is what is tested), and the real trainer trains a tiny model from the local
+S3 server. These are the steps of `make demo` (examples/quickstart/demo.py), asserted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from localenv.testing import Cluster, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
+import demo  # noqa: E402
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+NAMESPACE = "kubetune-e2e"
+RELEASE_NAMESPACE = demo.OPERATOR_NAMESPACE
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster) -> Iterator[Cluster]:
+    """Assets in S3, the Secret, and the chart installed (then uninstalled at the end)."""
+    env = cluster.s3_env
+    demo.upload_assets(env)
+    cluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true",
+                    timeout=180)  # fmt: skip
+    demo.create_secret(env, NAMESPACE)
+    demo.install_chart(env)
+    yield cluster
+    # Normally already done by the last test; this is the clean-up when a test failed.
+    demo.run(str(cluster.bin / "helm"), "uninstall", "kubetune", "--namespace", RELEASE_NAMESPACE,
+             "--kubeconfig", str(cluster.kubeconfig), "--wait", check=False)  # fmt: skip
+    cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+def s3_client(cluster: Cluster) -> Any:
+    env = cluster.s3_env
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
+def apply_example(cluster: Cluster, example: str, **overrides: Any) -> dict[str, Any]:
+    import yaml  # noqa: PLC0415
+
+    manifest = yaml.safe_load((ROOT / "examples" / example).read_text())
+    for path, value in overrides.items():
+        node = manifest
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest))
+    return dict(manifest)
+
+
+def watch_steps(cluster: Cluster, name: str, stop: threading.Event) -> list[int]:
+    """Record status.progress.step while the job runs (progress must move, not jump to 100%)."""
+    seen: list[int] = []
+
+    def poll() -> None:
+        while not stop.is_set():
+            result = cluster.kubectl("get", "ftj", name, "-n", NAMESPACE, "-o", "json", check=False)
+            if result.returncode == 0:
+                step = json.loads(result.stdout).get("status", {}).get("progress", {}).get("step")
+                if step is not None and (not seen or seen[-1] != step):
+                    seen.append(int(step))
+            stop.wait(1)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return seen
+
+
+def wait_condition(cluster: Cluster, name: str, condition: str, timeout: int) -> None:
+    cluster.kubectl(
+        "wait", f"--for=condition={condition}", f"finetunejob/{name}", "-n", NAMESPACE,
+        f"--timeout={timeout}s", timeout=timeout + 30,
+    )  # fmt: skip
+
+
+def verify_outputs(cluster: Cluster, output_uri: str) -> dict[str, str]:
+    """SHA256SUMS lists every published file and every checksum matches the bytes in S3."""
+    bucket, _, prefix = output_uri.removeprefix("s3://").partition("/")
+    s3 = s3_client(cluster)
+    manifest = s3.get_object(Bucket=bucket, Key=prefix + "SHA256SUMS")["Body"].read().decode()
+    sums = dict(reversed(line.split(maxsplit=1)) for line in manifest.splitlines())
+    assert sums, "empty SHA256SUMS"
+    for path, digest in sums.items():
+        body = s3.get_object(Bucket=bucket, Key=prefix + path.lstrip("*"))["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == digest, path
+    return sums
+
+
+def events(cluster: Cluster, name: str) -> list[str]:
+    out = cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
+                          f"involvedObject.name={name}", "-o", "json").stdout  # fmt: skip
+    return [e["reason"] for e in json.loads(out)["items"]]
+
+
+def test_operator_runs_from_the_chart_with_its_service_account(installed: Cluster) -> None:
+    pods = json.loads(
+        installed.kubectl("get", "pods", "-n", RELEASE_NAMESPACE, "-o", "json").stdout
+    )
+    (pod,) = [p for p in pods["items"] if p["status"]["phase"] == "Running"]
+    assert pod["spec"]["serviceAccountName"] == "kubetune"
+    assert pod["spec"]["nodeName"] == "kubetune-node-0"
+
+
+def test_lora_on_chat_data_succeeds_with_metrics_progress_and_outputs(installed: Cluster) -> None:
+    manifest = apply_example(installed, "quickstart.yaml", **{
+        "metadata.name": "e2e-lora-chat", "spec.output.uri": "s3://kubetune/e2e/lora-chat/",
+    })  # fmt: skip
+    stop = threading.Event()
+    steps = watch_steps(installed, "e2e-lora-chat", stop)
+    try:
+        wait_condition(installed, "e2e-lora-chat", "Succeeded", 600)
+    finally:
+        stop.set()
+    status = installed.get("ftj", "e2e-lora-chat", NAMESPACE)["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["observedGeneration"] == 1
+    ready = {c["type"]: c["status"] for c in status["conditions"]}
+    assert ready["Ready"] == "True"
+    metrics = status["metrics"]
+    assert metrics["evalLoss"] < metrics["baseEvalLoss"]  # fine-tuning helped
+    assert metrics["trainLoss"] > 0 and metrics["tokensPerSecond"] > 0
+    assert status["progress"]["step"] == status["progress"]["totalSteps"]
+    assert len(steps) >= 3, f"progress did not move during the run: {steps}"
+    assert status["parameters"]["trainable"] < status["parameters"]["total"]
+    sums = verify_outputs(installed, manifest["spec"]["output"]["uri"])
+    assert {"adapter_model.safetensors", "adapter_config.json", "eval_report.md"} <= set(sums)
+    assert {"JobCreated", "Succeeded"} <= set(events(installed, "e2e-lora-chat"))
+
+
+def test_full_fine_tuning_on_instruction_data_succeeds(installed: Cluster) -> None:
+    manifest = apply_example(installed, "full-instruction.yaml", **{
+        "metadata.name": "e2e-full", "spec.output.uri": "s3://kubetune/e2e/full-instruction/",
+    })  # fmt: skip
+    wait_condition(installed, "e2e-full", "Succeeded", 600)
+    status = installed.get("ftj", "e2e-full", NAMESPACE)["status"]
+    assert status["parameters"]["trainable"] == status["parameters"]["total"]
+    sums = verify_outputs(installed, manifest["spec"]["output"]["uri"])
+    assert "model.safetensors" in sums
+
+
+def test_bad_dataset_fails_with_the_line_number_before_training(installed: Cluster) -> None:
+    s3 = s3_client(installed)
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "hello"}]})  # fmt: skip
+    bad = json.dumps({"messages": [{"role": "bot", "content": "hi"}]})
+    s3.put_object(Bucket="kubetune", Key="e2e/bad/train.jsonl",
+                  Body=("\n".join([good, good, bad, good]) + "\n").encode())  # fmt: skip
+    apply_example(installed, "quickstart.yaml", **{
+        "metadata.name": "e2e-bad-data",
+        "spec.dataset.trainUri": "s3://kubetune/e2e/bad/train.jsonl",
+        "spec.output.uri": "s3://kubetune/e2e/bad/output/",
+    })  # fmt: skip
+    wait_condition(installed, "e2e-bad-data", "Failed", 300)
+    status = installed.get("ftj", "e2e-bad-data", NAMESPACE)["status"]
+    assert status["phase"] == "Failed"
+    assert status["reason"] == "DataError"
+    assert "line 3" in status["message"]
+    assert status.get("stage") in (None, "Fetching", "Preparing")  # never reached Training
+    assert "progress" not in status or not status["progress"].get("step")
+
+
+def test_deleting_a_running_job_leaves_no_pods(installed: Cluster) -> None:
+    apply_example(installed, "quickstart.yaml", **{
+        "metadata.name": "e2e-delete", "spec.output.uri": "s3://kubetune/e2e/delete/",
+        "spec.hyperparameters.epochs": 50,
+    })  # fmt: skip
+
+    def pods() -> list[dict[str, Any]]:
+        out = installed.kubectl("get", "pods", "-n", NAMESPACE, "-l",
+                                "kubetune.dev/finetunejob=e2e-delete", "-o", "json").stdout  # fmt: skip
+        return list(json.loads(out)["items"])
+
+    wait_until(lambda: any(p["status"].get("phase") == "Running" for p in pods()), 120,
+               "the training pod to run")  # fmt: skip
+    installed.kubectl("delete", "ftj", "e2e-delete", "-n", NAMESPACE, "--wait=true", timeout=120)
+    wait_until(lambda: not pods(), 120, "the training pods to go")
+    jobs = installed.kubectl("get", "jobs", "-n", NAMESPACE, "-o", "name").stdout
+    assert "e2e-delete" not in jobs
+
+
+def test_helm_uninstall_leaves_the_cluster_clean_but_keeps_crds(installed: Cluster) -> None:
+    # Runs last in this module (pytest keeps file order).
+    cluster = installed
+    demo.run(str(cluster.bin / "helm"), "uninstall", "kubetune", "--namespace", RELEASE_NAMESPACE,
+             "--kubeconfig", str(cluster.kubeconfig), "--wait")  # fmt: skip
+    leftovers = cluster.kubectl(
+        "get", "deploy,sa,svc,clusterrole,clusterrolebinding", "-A", "-l",
+        "app.kubernetes.io/instance=kubetune", "-o", "name",
+    ).stdout.split()  # fmt: skip
+    assert leftovers == []
+    crds = cluster.kubectl("get", "crd", "-o", "name").stdout
+    assert "finetunejobs.kubetune.dev" in crds

@@ -1,0 +1,213 @@
+"""`kubetune-trainer --config run.json` (or `python -m kubetune_trainer`): run one job.
+
+The exit code tells the operator's podFailurePolicy what happened (exitcodes.py) and a one-line
+reason goes to the termination log, which Kubernetes shows as the container's termination
+message: /dev/termination-log in a pod, or the file named by KUBETUNE_TERMINATION_LOG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+import pydantic
+
+from kubetune_trainer import exitcodes
+from kubetune_trainer.api import FineTuneSpec
+from kubetune_trainer.config import CONFIG_PATH, TrainerConfig
+from kubetune_trainer.data.records import DatasetError
+from kubetune_trainer.errors import ConfigError, ModelError, Preempted
+from kubetune_trainer.storage import StorageError
+
+log = logging.getLogger("kubetune_trainer")
+
+TERMINATION_LOG_ENV: Final = "KUBETUNE_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG: Final = "/dev/termination-log"
+# Kubernetes keeps 4096 bytes of a termination message; the operator shows the first 512
+# characters of its first line in status.message.
+MESSAGE_LIMIT: Final = 512
+# Environment variables whose values must never appear in a message.
+SECRET_ENV: Final = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+# StorageError.reason values that mean "the input is not there" (permanent, INPUT_NOT_FOUND).
+_NOT_FOUND_REASONS: Final = frozenset({"StorageNotFound", "StorageNoSuchBucket"})
+# ...and those a retry can fix (an overloaded store, a network blip, an object replaced
+# mid-download, a full local disk): not permanent, so the Job's backoffLimit retries them
+# and the run resumes from its last checkpoint.
+_TRANSIENT_REASONS: Final = frozenset(
+    {"StorageUnavailable", "StorageTimeout", "StorageObjectChanged", "StorageLocalError"}
+)
+
+
+def one_line(message: str, env: Mapping[str, str] | None = None) -> str:
+    """Whitespace collapsed, credentials redacted, truncated for a termination message."""
+    env = os.environ if env is None else env
+    text = " ".join(message.split())
+    for name in SECRET_ENV:
+        secret = env.get(name)
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    if len(text) > MESSAGE_LIMIT:
+        text = text[: MESSAGE_LIMIT - 1] + "…"
+    return text
+
+
+def oom_hint(spec: FineTuneSpec | None) -> str:
+    if spec is None:
+        return "reduce the batch size or sequence length"
+    hp = spec.hyperparameters
+    hints = []
+    if spec.method != "qlora":
+        hints.append("use method qlora (4-bit base model, about a third of the memory)")
+    if hp.batch_size > 1:
+        hints.append(
+            f"lower hyperparameters.batchSize (now {hp.batch_size}) and raise "
+            f"gradientAccumulationSteps (now {hp.gradient_accumulation_steps}) to keep the "
+            "effective batch"
+        )
+    hints.append(f"lower dataset.maxSeqLength (now {spec.dataset.max_seq_length})")
+    if hp.gradient_checkpointing != "enabled":
+        hints.append("set hyperparameters.gradientCheckpointing: enabled")
+    hints.append("or request a GPU with more memory")
+    return "; ".join(hints)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    # torch is imported lazily (so --help is instant); no torch loaded, no torch OOM.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # Some CUDA kernels still raise a plain RuntimeError for out-of-memory.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def classify(exc: BaseException, spec: FineTuneSpec | None = None) -> tuple[int, str]:
+    """(exit code, one-line reason) for an exception that ended the run."""
+    if isinstance(exc, Preempted):
+        return exitcodes.PREEMPTED, f"preempted: {exc}"
+    if isinstance(exc, DatasetError):
+        return exitcodes.DATA_ERROR, f"data error: {exc}"
+    if isinstance(exc, StorageError):
+        if exc.reason in _NOT_FOUND_REASONS:
+            return exitcodes.INPUT_NOT_FOUND, f"input not found: {exc}"
+        if exc.reason in _TRANSIENT_REASONS:
+            return exitcodes.INTERNAL_ERROR, f"storage error (retried): {exc}"
+        return exitcodes.STORAGE_ERROR, f"storage error: {exc}"
+    if isinstance(exc, ModelError):
+        return exitcodes.MODEL_ERROR, f"model error: {exc}"
+    if isinstance(exc, ConfigError):
+        return exitcodes.CONFIG_ERROR, f"config error: {exc}"
+    if isinstance(exc, pydantic.ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]
+        )
+        return exitcodes.CONFIG_ERROR, f"config error: invalid trainer config: {problems}"
+    if _is_oom(exc):
+        where = "host" if isinstance(exc, MemoryError) else "GPU"
+        return exitcodes.OUT_OF_MEMORY, f"out of {where} memory: {oom_hint(spec)}"
+    if isinstance(exc, KeyboardInterrupt):
+        return exitcodes.INTERNAL_ERROR, "interrupted"
+    return exitcodes.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"
+
+
+def termination_log_path(env: Mapping[str, str] | None = None) -> Path | None:
+    env = os.environ if env is None else env
+    if env.get(TERMINATION_LOG_ENV):
+        return Path(env[TERMINATION_LOG_ENV])
+    default = Path(DEFAULT_TERMINATION_LOG)
+    # Only inside a pod: the kubelet creates the file; never create it on a workstation.
+    if default.is_file() and os.access(default, os.W_OK):
+        return default
+    return None
+
+
+def write_termination_message(message: str, env: Mapping[str, str] | None = None) -> None:
+    path = termination_log_path(env)
+    if path is None:
+        return
+    try:
+        path.write_text(one_line(message, env) + "\n", encoding="utf-8")
+    except OSError as exc:
+        log.warning("cannot write the termination message to %s: %s", path, exc)
+
+
+def load_config(path: Path) -> TrainerConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the trainer config {path}: {exc.strerror or exc}") from exc
+    return TrainerConfig.model_validate_json(text)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+        force=True,
+    )
+    for noisy in ("httpx", "botocore", "boto3", "s3transfer", "urllib3", "accelerate", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Progress bars are unreadable in `kubectl logs`; our own lines report progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # peft calls a transformers alias deprecated in 5.x on every forward; not actionable here.
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+    )
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run one job; return the exit code."""
+    parser = argparse.ArgumentParser(prog="kubetune-trainer", description=__doc__)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(CONFIG_PATH),
+        help=f"TrainerConfig JSON (default {CONFIG_PATH}, mounted by the operator)",
+    )
+    args = parser.parse_args(argv)
+    configure_logging()
+
+    from kubetune_trainer.recipe import FineTuneRecipe  # noqa: PLC0415 - after logging setup
+
+    spec: FineTuneSpec | None = None
+    recipe: FineTuneRecipe | None = None
+    try:
+        config = load_config(args.config)
+        spec = config.spec
+        recipe = FineTuneRecipe(config)
+        recipe.setup()
+        recipe.train()
+        recipe.evaluate()
+        recipe.publish()
+        code, message = exitcodes.OK, f"succeeded: published to {spec.output.uri}"
+    except BaseException as exc:  # every failure becomes an exit code and a reason
+        code, message = classify(exc, spec)
+        if code == exitcodes.INTERNAL_ERROR:
+            log.exception("%s", one_line(message))
+        else:
+            log.error("%s", one_line(message))
+    finally:
+        if recipe is not None:
+            try:
+                recipe.cleanup()
+            except Exception:  # the run's own outcome matters more than a cleanup failure
+                log.exception("cleanup failed")
+    write_termination_message(message)
+    log.info("exit code %d", code)
+    return code
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

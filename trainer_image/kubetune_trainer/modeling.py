@@ -1,0 +1,264 @@
+"""Model, tokenizer and precision: LoRA, QLoRA and full fine-tuning on Hugging Face models.
+
+* lora: the base model in bf16 (fp32 on CPU), frozen; peft adapters in fp32 (peft upcasts
+  them), so the optimizer state is fp32.
+* qlora: the base model quantized to 4 bits by bitsandbytes (nf4/fp4, optional double quant)
+  with the spec's compute dtype, then prepare_model_for_kbit_training (fp32 norms/embeddings,
+  frozen base) and the same adapters. CUDA only.
+* full: every weight trained in fp32 ("master weights") under bf16 autocast.
+
+Attention is SDPA, which takes the packed batches' 4D block-diagonal bool mask; a model without
+SDPA support falls back to eager attention, which needs the additive float mask instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from kubetune_trainer.api import FineTuneSpec
+from kubetune_trainer.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS: Final = "adapter_model.safetensors"
+FULL_WEIGHTS: Final = "model.safetensors"
+_DTYPES: Final = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where the model runs and in which number formats."""
+
+    device: torch.device
+    load_dtype: torch.dtype  # dtype of the (non-quantized) weights as loaded
+    compute_dtype: torch.dtype | None  # autocast dtype; None = plain fp32 (CPU)
+    grad_scaler: bool  # fp16 compute needs loss scaling; bf16 does not
+
+    def autocast(self) -> torch.autocast:
+        if self.compute_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+
+def choose_precision(spec: FineTuneSpec, device: torch.device) -> Precision:
+    """bf16 autocast where the GPU supports it (fp16 + loss scaling on older GPUs); fp32 on CPU."""
+    if device.type != "cuda":
+        if spec.method == "qlora":
+            raise ConfigError(
+                "method qlora needs a CUDA GPU (bitsandbytes 4-bit), but none is visible to the "
+                "trainer: request resources.gpus >= 1 on a GPU node, or use method lora"
+            )
+        return Precision(device, torch.float32, None, grad_scaler=False)
+    bf16 = torch.cuda.is_bf16_supported()
+    compute = torch.bfloat16 if bf16 else torch.float16
+    if spec.method == "qlora":
+        wanted = _DTYPES[spec.quantization.compute_dtype]
+        if wanted is torch.bfloat16 and not bf16:
+            log.warning("this GPU has no bfloat16: QLoRA computes in float16 instead")
+        else:
+            compute = wanted
+    load = torch.float32 if spec.method == "full" else compute
+    return Precision(device, load, compute, grad_scaler=compute is torch.float16)
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    try:
+        return cast(dict[str, Any], json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError as exc:
+        raise ModelError(
+            f"the base model has no config.json ({model_dir.name}): baseModel.uri must point "
+            "at a Hugging Face model directory (config.json, *.safetensors, tokenizer files)"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the base model's config.json: {exc}") from exc
+
+
+def load_tokenizer(path: Path, *, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer  # noqa: PLC0415 - transformers imports slowly
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
+        raise ModelError(f"cannot load the tokenizer: {type(exc).__name__}: {exc}") from exc
+    if tokenizer.eos_token_id is None:
+        raise ModelError("the tokenizer has no eos_token: set one in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        # Padding never carries loss and is masked out, so any id will do; EOS is conventional.
+        tokenizer.pad_token = tokenizer.eos_token
+    return cast("PreTrainedTokenizerBase", tokenizer)
+
+
+def _bnb_config(spec: FineTuneSpec, precision: Precision) -> Any:
+    from transformers import BitsAndBytesConfig  # noqa: PLC0415
+
+    q = spec.quantization
+    make: Any = BitsAndBytesConfig  # untyped constructor
+    return make(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=precision.compute_dtype,
+    )
+
+
+def load_base_model(model_dir: Path, spec: FineTuneSpec, precision: Precision) -> PreTrainedModel:
+    """The pretrained model, on its device, quantized for qlora. Raises ModelError."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    kwargs: dict[str, Any] = {
+        "dtype": precision.load_dtype,
+        "trust_remote_code": spec.base_model.trust_remote_code,
+    }
+    if precision.device.type == "cuda":
+        # Straight onto the GPU: no second copy of the weights in host memory.
+        kwargs["device_map"] = {"": precision.device}
+    if spec.method == "qlora":
+        kwargs["quantization_config"] = _bnb_config(spec, precision)
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), attn_implementation="sdpa", **kwargs
+            )
+        except ValueError as exc:
+            if "sdpa" not in str(exc).lower():
+                raise
+            log.warning("this architecture has no SDPA attention; using eager attention")
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), attn_implementation="eager", **kwargs
+            )
+    except ModelError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # missing weights, unknown architecture, remote code refused...
+        raise ModelError(f"cannot load the base model: {type(exc).__name__}: {exc}") from exc
+    # The KV cache is for generation; in training it only costs memory (and, with a 4D mask,
+    # would make transformers rebuild the mask; see data/packing.py).
+    model.config.use_cache = False
+    return cast("PreTrainedModel", model)
+
+
+def attention_mask_dtype(model: torch.nn.Module, precision: Precision) -> torch.dtype:
+    """bool for SDPA; eager attention adds the mask to its scores, so it needs floats."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", "sdpa") == "sdpa":
+        return torch.bool
+    return precision.compute_dtype or torch.float32
+
+
+def prepare_for_training(
+    model: PreTrainedModel, spec: FineTuneSpec, *, gradient_checkpointing: bool
+) -> torch.nn.Module:
+    """Freeze/quantize-prepare, add adapters, enable gradient checkpointing."""
+    if spec.method == "qlora":
+        from peft import prepare_model_for_kbit_training  # noqa: PLC0415
+
+        # Checkpointing is enabled below, the same way for every method.
+        prepare: Any = prepare_model_for_kbit_training  # untyped
+        model = prepare(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads)
+        # and restores the RNG state for recomputation, so dropout stays deterministic.
+        kwargs = {"use_reentrant": False}
+        hf: Any = model
+        if hasattr(hf, "activation_checkpointing_enable"):  # the transformers 5.x name
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if spec.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    lora = spec.lora
+    targets: str | list[str] = (
+        "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    )
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return cast(torch.nn.Module, get_peft_model(model, config))
+    except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
+        raise ConfigError(f"lora.targetModules: {exc}") from exc
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count as the parameters they represent."""
+    counter = getattr(model, "get_nb_trainable_parameters", None)
+    if counter is not None:
+        trainable, total = counter()
+        return int(trainable), int(total)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def check_vocabulary(model: torch.nn.Module, max_token_id: int) -> None:
+    embeddings: Any = cast("PreTrainedModel", model).get_input_embeddings()
+    size = int(embeddings.weight.shape[0])
+    if max_token_id >= size:
+        raise ModelError(
+            f"the tokenizer produces token id {max_token_id} but the model's embedding has "
+            f"{size} rows: the tokenizer does not belong to this model (check "
+            "baseModel.tokenizerUri)"
+        )
+
+
+# ----------------------------------------------------------------------- trainable weights
+
+
+def save_trainable(model: torch.nn.Module, directory: Path, method: str) -> Path:
+    """The trained weights only: the adapter for lora/qlora, everything for full."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if method == "full":
+        path = directory / FULL_WEIGHTS
+        save_model(model, str(path))  # handles tied (shared) embeddings
+        return path
+    from peft import get_peft_model_state_dict  # noqa: PLC0415
+
+    path = directory / ADAPTER_WEIGHTS
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(state, str(path))
+    return path
+
+
+def load_trainable(model: torch.nn.Module, directory: Path, method: str) -> None:
+    device = next(model.parameters()).device
+    if method == "full":
+        missing, unexpected = load_model(model, str(directory / FULL_WEIGHTS), device=str(device))
+        if missing or unexpected:
+            raise ModelError(
+                f"checkpoint weights do not match the model: {len(missing)} missing, "
+                f"{len(unexpected)} unexpected tensors"
+            )
+        return
+    from peft import set_peft_model_state_dict  # noqa: PLC0415
+
+    state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(device))
+    try:
+        result: Any = set_peft_model_state_dict(model, state)
+    except RuntimeError as exc:  # size mismatch: the checkpoint had another rank
+        raise ModelError(f"checkpoint adapter does not fit this model: {exc}") from exc
+    if result.unexpected_keys:
+        raise ModelError(
+            f"checkpoint adapter does not fit this model: {len(result.unexpected_keys)} "
+            f"unexpected tensors (first: {result.unexpected_keys[0]})"
+        )

@@ -1,0 +1,894 @@
+"""The fine-tuning recipe: one readable path from a TrainerConfig to a published adapter.
+
+Shape (after torchtune's single-device recipes): `__init__` validates and fails fast, `setup()`
+builds the parts in dependency order through small `_setup_*` steps, then `train()`,
+`evaluate()`, `publish()` and `cleanup()`; `save_checkpoint()` is called by `train()`.
+
+Why a plain PyTorch loop rather than the Hugging Face Trainer or TRL's SFTTrainer:
+* packing with a 4D block-diagonal mask and restarting position_ids (data/packing.py) is a
+  collate function here; in Trainer/TRL it means fighting their own packing, padding-free and
+  collator logic, whose mask handling changes between releases;
+* exact resume needs the data position as a pure function of the step (plan.py) plus every
+  RNG state; Trainer's resume skips batches by re-iterating a sampler and does not cover our
+  packing order;
+* the loss is normalized by the trained tokens of the whole optimizer step (all micro-batches,
+  all GPUs), which Trainer only approximates unless every model honours num_items_in_batch;
+* status, checkpoint cadence, SIGTERM handling and evaluation against the base model are ours
+  anyway, and a ~100-line loop keeps throughput under our control (no per-step host syncs
+  except at log/checkpoint time).
+`accelerate` handles what is generic: process group, device, DDP wrapping and gradient sync
+skipping (no_sync) during accumulation when launched with several processes.
+
+Order of `setup()`: data first (fetch + validate every record: a malformed line fails the job
+in seconds, before the model is even downloaded), then model files, tokenizer, tokenization,
+memory estimate from config.json (reported before any weight is loaded), model, optimizer,
+and finally the checkpoint restore; the RNG states are restored last so that nothing drawn
+during setup (adapter initialization) disturbs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Final, cast
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from kubetune_trainer import estimate as mem
+from kubetune_trainer.api import (
+    MemoryEstimate,
+    OutputStatus,
+    ParameterCounts,
+    TrainingMetrics,
+)
+from kubetune_trainer.checkpoint import (
+    CheckpointPolicy,
+    SigtermFlag,
+    TrainerState,
+    data_fingerprint,
+    load_training_state,
+    read_state,
+    restore_rng,
+    save_training_state,
+    spec_differences,
+    spec_hash,
+    training_spec,
+)
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.data import (
+    Batch,
+    DatasetError,
+    Record,
+    collate_packed,
+    collate_padded,
+    load_records,
+    packing_efficiency,
+    split_train_validation,
+    tokenize_records,
+)
+from kubetune_trainer.data.records import RecordFormat
+from kubetune_trainer.errors import ConfigError, ModelError, Preempted
+from kubetune_trainer.evaluation import (
+    REPORT_JSON,
+    REPORT_MD,
+    EvalReport,
+    ModelEval,
+    Prompt,
+    build_report,
+    extra_prompt,
+    generate_answers,
+    record_prompt,
+    validation_loss,
+)
+from kubetune_trainer.modeling import (
+    Precision,
+    attention_mask_dtype,
+    check_vocabulary,
+    choose_precision,
+    load_base_model,
+    load_tokenizer,
+    load_trainable,
+    parameter_counts,
+    prepare_for_training,
+    read_model_config,
+    save_trainable,
+)
+from kubetune_trainer.plan import MicroBatch, StepBatches, TrainingPlan, build_scheduler
+from kubetune_trainer.publish import (
+    MERGED_DIR,
+    METRICS_FILE,
+    TRAINER_CONFIG_FILE,
+    original_dtype,
+    save_adapter,
+    save_full_model,
+    save_merged,
+    upload_outputs,
+    write_json,
+)
+from kubetune_trainer.reporting import (
+    ProgressSnapshot,
+    StatusReporter,
+    ThroughputWindow,
+    log_every,
+)
+from kubetune_trainer.storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+MAX_GRAD_NORM: Final = 1.0
+ADAM_BETAS: Final = (0.9, 0.999)
+# Log at least this often even when steps are slow.
+LOG_INTERVAL_S: Final = 30.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, label): peak GPU allocation, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "GPU peak"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS peak"
+
+
+def train_step(
+    model: torch.nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    collate: Callable[[MicroBatch], Batch],
+    *,
+    step_tokens: int,
+    world_size: int,
+    precision: Precision,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    params: Sequence[torch.nn.Parameter],
+    no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """One optimizer step over this process's micro-batches; (summed loss, real tokens).
+
+    The loss is the summed token cross-entropy divided by the trained tokens of the whole step
+    (`step_tokens`: every micro-batch on every process), so each token weighs the same however
+    tokens fall into micro-batches, rows and GPUs; DDP averages gradients over processes, hence
+    the world_size factor. The returned loss is this process's share of the step's mean token
+    loss, kept on the device (no host sync). Micro-batches are collated one at a time, so only
+    one attention mask exists at once. `no_sync` (DDP) skips the gradient all-reduce on every
+    micro-batch but the last.
+    """
+    device = precision.device
+    divisor = torch.tensor(step_tokens / world_size, device=device)
+    loss_sum = torch.zeros((), device=device)
+    tokens = 0
+    for j, micro in enumerate(micro_batches):
+        batch = collate(micro).to(device)
+        last = j == len(micro_batches) - 1
+        sync = no_sync() if no_sync is not None and world_size > 1 and not last else nullcontext()
+        with sync:
+            with precision.autocast():
+                out = model(**batch.model_inputs(), use_cache=False, num_items_in_batch=divisor)
+            scaler.scale(out.loss).backward()
+        loss_sum += out.loss.detach().float()
+        tokens += batch.num_tokens
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, tokens
+
+
+class FineTuneRecipe:
+    """LoRA / QLoRA / full fine-tuning of a causal LM from object storage."""
+
+    def __init__(self, config: TrainerConfig, *, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.env = os.environ if env is None else env
+        self.work_dir = Path(config.work_dir)
+        if not self.spec.output.uri.startswith("s3://"):
+            raise ConfigError(
+                f"output.uri {self.spec.output.uri}: this trainer publishes to s3:// only "
+                "(checkpoints need object storage)"
+            )
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        # Raises ConfigError for qlora without CUDA, before anything is downloaded.
+        self.precision = choose_precision(self.spec, self.device)
+        gpus = self.spec.resources.gpus
+        if gpus > 1 and self.world_size == 1:
+            log.warning(
+                "resources.gpus is %d but the trainer runs as a single process, on one GPU: "
+                "launch it as `torchrun --nproc-per-node=%d -m kubetune_trainer --config ...` "
+                "(or `accelerate launch`) to train data-parallel",
+                gpus,
+                gpus,
+            )
+        self.reporter = StatusReporter.from_environment(
+            config.job if self.is_main else None, self.env
+        )
+        self.preemption = SigtermFlag()
+        self.eval_report: EvalReport | None = None
+        self.memory_estimate: mem.MemoryEstimate | None = None
+        self._resume_rng: dict[str, Any] | None = None
+        self._window_losses: list[float] = []
+        self._pending_losses: list[tuple[int, torch.Tensor, float]] = []
+
+    # ------------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+        disable: Any = hf_logging.disable_progress_bar  # untyped
+        disable()  # tqdm bars are noise in `kubectl logs`
+        seed_everything(self.spec.hyperparameters.seed)
+        self._setup_storage()
+        self._setup_data()
+        self._setup_model_files()
+        self._setup_tokenizer()
+        self._setup_examples()
+        self._setup_plan()
+        self._setup_estimate()
+        self._setup_model()
+        self._setup_optimizer()
+        self._setup_resume()
+        if self._resume_rng is not None:
+            restore_rng(self._resume_rng)
+
+    def _setup_storage(self) -> None:
+        self.storage = Storage.from_trainer_config(self.config, env=self.env)
+
+    def _fetch(self, uri: str, name: str, revision: str | None = None) -> Path:
+        return self.storage.fetch(uri, self.work_dir / name, revision=revision)
+
+    def _load_records(self, uri: str, local: Path, fmt: str) -> tuple[list[Record], RecordFormat]:
+        try:
+            dataset = load_records(local, cast(Any, fmt))
+        except DatasetError as exc:
+            # Name the user's URI, not the pod's download directory.
+            raise DatasetError(str(exc).replace(str(local), uri)) from exc
+        return dataset.records, dataset.format
+
+    def _setup_data(self) -> None:
+        """Fetch the data and validate every record (no tokenizer needed for that)."""
+        self.reporter.report(stage="Fetching")
+        ds, seed = self.spec.dataset, self.spec.hyperparameters.seed
+        train, self.format = self._load_records(
+            ds.train_uri, self._fetch(ds.train_uri, "data/train"), ds.format
+        )
+        if ds.validation_uri:
+            local = self._fetch(ds.validation_uri, "data/validation")
+            validation, _ = self._load_records(ds.validation_uri, local, self.format)
+        elif ds.validation_split > 0:
+            train, validation = split_train_validation(train, ds.validation_split, seed=seed)
+        else:
+            validation = []
+        self.train_records, self.validation_records = train, validation
+        log.info(
+            "data: %d training and %d validation records, format %s",
+            len(train),
+            len(validation),
+            self.format,
+        )
+
+    def _setup_model_files(self) -> None:
+        base = self.spec.base_model
+        self.model_dir = self._fetch(base.uri, "model", base.revision)
+        self.tokenizer_dir = (
+            self._fetch(base.tokenizer_uri, "tokenizer", base.revision)
+            if base.tokenizer_uri
+            else self.model_dir
+        )
+        self.model_config = read_model_config(self.model_dir)
+
+    def _setup_tokenizer(self) -> None:
+        self.tokenizer = load_tokenizer(
+            self.tokenizer_dir, trust_remote_code=self.spec.base_model.trust_remote_code
+        )
+
+    def _setup_examples(self) -> None:
+        self.reporter.report(stage="Preparing")
+        max_len = self.spec.dataset.max_seq_length
+        self.train_examples = tokenize_records(
+            self.train_records, self.tokenizer, self.format, max_len
+        )
+        self.validation_examples = tokenize_records(
+            self.validation_records, self.tokenizer, self.format, max_len
+        )
+        stats = self.train_examples.stats
+        if not self.train_examples:
+            raise DatasetError(
+                f"{self.spec.dataset.train_uri}: no training record has a trained token left "
+                f"(after truncation to maxSeqLength={max_len}): {stats.dropped} dropped"
+            )
+        log.info(
+            "tokenized: %d examples, %d tokens (%d trained), mean %.0f / max %d tokens, "
+            "%d truncated to %d, %d dropped",
+            stats.examples,
+            stats.total_tokens,
+            stats.trained_tokens,
+            stats.mean_length,
+            stats.max_length,
+            stats.truncated,
+            max_len,
+            stats.dropped,
+        )
+        self._trained_tokens = [e.num_trained for e in self.train_examples]
+        # Prompts for the generation part of the evaluation: known before training, because
+        # full fine-tuning answers them with the base model before the first step.
+        ev = self.spec.evaluation
+        self.eval_samples: list[Prompt] = []
+        if ev.enabled and {"rougeL", "bleu"} & set(ev.metrics):
+            for record in self.validation_records:
+                if len(self.eval_samples) >= ev.sample_size:
+                    break
+                prompt = record_prompt(record, self.format, self.tokenizer)
+                if prompt is not None:
+                    self.eval_samples.append(prompt)
+        self.eval_prompts = (
+            [extra_prompt(p, self.format, self.tokenizer) for p in ev.prompts] if ev.enabled else []
+        )
+
+    def _setup_plan(self) -> None:
+        hp = self.spec.hyperparameters
+        self.plan = TrainingPlan(
+            lengths=[len(e) for e in self.train_examples],
+            max_seq_length=self.spec.dataset.max_seq_length,
+            batch_size=hp.batch_size,
+            gradient_accumulation_steps=hp.gradient_accumulation_steps,
+            seed=hp.seed,
+            epochs=hp.epochs,
+            max_steps=hp.max_steps,
+            packing=hp.packing,
+            world_size=self.world_size,
+        )
+        rows = self.plan.epoch_batches(0)
+        flat = [row for batch in rows for row in batch]
+        efficiency = packing_efficiency(flat, [len(e) for e in self.train_examples])
+        log.info(
+            "plan: %d optimizer steps (%d per epoch), %d micro-batches of up to %d %s x %d "
+            "tokens per epoch, %d accumulated per step x %d process(es); row fill %.0f%%",
+            self.plan.total_steps,
+            self.plan.steps_per_epoch,
+            len(rows),
+            hp.batch_size,
+            "packed rows" if hp.packing else "examples",
+            self.spec.dataset.max_seq_length,
+            hp.gradient_accumulation_steps,
+            self.world_size,
+            100 * efficiency,
+        )
+
+    def _setup_estimate(self) -> None:
+        """Estimate GPU memory from config.json and decide on gradient checkpointing."""
+        spec, hp = self.spec, self.spec.hyperparameters
+        try:
+            shape = mem.ModelShape.from_config(self.model_config)
+        except ValueError as exc:
+            log.warning("no memory estimate: %s", exc)
+            self.gradient_checkpointing = mem.resolve_gradient_checkpointing(
+                hp.gradient_checkpointing, spec.method
+            )
+            return
+        seq = self.spec.dataset.max_seq_length
+        if not hp.packing:
+            seq = min(seq, self.train_examples.stats.max_length)
+        kwargs: dict[str, Any] = {
+            "method": spec.method,
+            "batch_size": hp.batch_size,
+            "seq_length": seq,
+            "lora_r": spec.lora.r,
+            "target_modules": spec.lora.target_modules,
+            "lora_dropout": spec.lora.dropout,
+            "double_quant": spec.quantization.double_quant,
+        }
+        gpu_bytes = (
+            int(torch.cuda.get_device_properties(self.device).total_memory)
+            if self.device.type == "cuda"
+            else None
+        )
+        without = mem.estimate_memory(shape, gradient_checkpointing=False, **kwargs)
+        self.gradient_checkpointing = mem.resolve_gradient_checkpointing(
+            hp.gradient_checkpointing,
+            spec.method,
+            estimate_without=without,
+            gpu_memory_bytes=gpu_bytes,
+        )
+        estimate = (
+            mem.estimate_memory(shape, gradient_checkpointing=True, **kwargs)
+            if self.gradient_checkpointing
+            else without
+        )
+        self.memory_estimate = estimate
+        log.info("memory estimate: %.1f GB per GPU (%s)", estimate.per_gpu / 1e9, estimate.basis)
+        if gpu_bytes is not None and estimate.per_gpu > gpu_bytes:
+            log.warning(
+                "the estimate (%.1f GB) exceeds this GPU's %.1f GB: expect an out-of-memory error",
+                estimate.per_gpu / 1e9,
+                gpu_bytes / 1e9,
+            )
+        self.reporter.report(
+            estimate=MemoryEstimate(
+                gpu_memory_bytes=estimate.per_gpu * self.world_size,
+                per_gpu=estimate.per_gpu,
+                basis=estimate.basis[:1024],
+            )
+        )
+
+    def _setup_model(self) -> None:
+        self.reporter.report(stage="Loading")
+        log.info(
+            "loading the base model (%s, %s, gradient checkpointing %s)",
+            self.spec.method,
+            self.precision.load_dtype,
+            "on" if self.gradient_checkpointing else "off",
+        )
+        base = load_base_model(self.model_dir, self.spec, self.precision)
+        max_id = max(max(e.input_ids) for e in [*self.train_examples, *self.validation_examples])
+        check_vocabulary(base, max_id)
+        model = prepare_for_training(
+            base, self.spec, gradient_checkpointing=self.gradient_checkpointing
+        )
+        self.mask_dtype = attention_mask_dtype(base, self.precision)
+        self.trainable_params, self.total_params = parameter_counts(model)
+        log.info(
+            "parameters: %s trainable of %s (%.2f%%)",
+            f"{self.trainable_params:,}",
+            f"{self.total_params:,}",
+            100 * self.trainable_params / max(1, self.total_params),
+        )
+        self.reporter.report(
+            parameters=ParameterCounts(trainable=self.trainable_params, total=self.total_params)
+        )
+        # 4-bit models are placed by from_pretrained(device_map=...) and must not be moved.
+        self.model = self.accelerator.prepare_model(
+            model, device_placement=self.spec.method != "qlora"
+        )
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The model without the DDP wrapper (for saving, evaluation, disable_adapter)."""
+        return cast(torch.nn.Module, self.accelerator.unwrap_model(self.model))
+
+    def _setup_optimizer(self) -> None:
+        hp = self.spec.hyperparameters
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in trainable]
+        # No weight decay on biases and norm weights (1-D), as usual for transformers.
+        groups = [
+            {"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=hp.learning_rate, betas=ADAM_BETAS
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            kind=hp.scheduler,
+            total_steps=self.plan.total_steps,
+            warmup_ratio=hp.warmup_ratio,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
+
+    def _setup_resume(self) -> None:
+        current = training_spec(self.spec)
+        self.state = TrainerState(
+            step=0,
+            total_steps=self.plan.total_steps,
+            epoch=0,
+            batch_index=0,
+            spec_hash=spec_hash(current),
+            training_spec=current,
+            data_fingerprint=data_fingerprint(self.train_examples),
+        )
+        found = self.storage.latest_complete_checkpoint(self.spec.output.uri)
+        if found is None:
+            log.info("no checkpoint under %s: training from step 0", self.spec.output.uri)
+            return
+        step, uri = found
+        local = self._fetch(uri, f"resume/step-{step}")
+        saved = read_state(local)
+        differences = spec_differences(saved.training_spec, current)
+        if differences:
+            log.warning(
+                "RESUMING FROM A CHECKPOINT WRITTEN WITH A DIFFERENT SPEC (%s): the result mixes "
+                "two trainings. Differences (saved -> now): %s",
+                uri,
+                "; ".join(differences),
+            )
+        if saved.data_fingerprint != self.state.data_fingerprint:
+            log.warning(
+                "RESUMING ONTO DIFFERENT TRAINING DATA: the tokenized data differs from what the "
+                "checkpoint at %s trained on, so the data position is meaningless",
+                uri,
+            )
+        try:
+            load_trainable(self.unwrapped, local, self.spec.method)
+            self._resume_rng = load_training_state(
+                local,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+                device=self.device,
+            )
+        except (ModelError, RuntimeError, KeyError, ValueError) as exc:
+            why = f" (spec differences: {'; '.join(differences)})" if differences else ""
+            raise ConfigError(
+                f"cannot resume from {uri}: {exc}{why}; use a new output.uri to start over"
+            ) from exc
+        if (saved.epoch, saved.batch_index) != self.plan.position(saved.step):
+            log.warning(
+                "checkpoint data position (epoch %d, micro-batch %d) differs from the plan's "
+                "(epoch %d, micro-batch %d) for step %d",
+                saved.epoch,
+                saved.batch_index,
+                *self.plan.position(saved.step),
+                saved.step,
+            )
+        saved.total_steps = self.plan.total_steps
+        saved.spec_hash, saved.training_spec = self.state.spec_hash, current
+        saved.data_fingerprint = self.state.data_fingerprint
+        self.state = saved
+        log.info(
+            "resuming from the checkpoint of step %d/%d (%s): epoch %d, micro-batch %d",
+            saved.step,
+            self.plan.total_steps,
+            uri,
+            saved.epoch,
+            saved.batch_index,
+        )
+
+    # ------------------------------------------------------------------------------ train
+
+    def train(self) -> None:
+        if (
+            self.spec.method == "full"
+            and self.spec.evaluation.enabled
+            and self.state.base_eval is None
+            and self.state.step == 0
+        ):
+            # Full fine-tuning overwrites the base weights: evaluate them first.
+            self.reporter.report(stage="Evaluating")
+            self.state.base_eval = asdict(self._evaluate_model(self.unwrapped))
+        self.reporter.report(stage="Training")
+        if self.state.step >= self.plan.total_steps:
+            log.info("training already complete (step %d)", self.state.step)
+            return
+        # QLoRA in eval mode silently skips gradient checkpointing: always train() first.
+        self.model.train()
+        self.preemption.install()
+        try:
+            self._train_loop()
+        finally:
+            self.preemption.uninstall()
+
+    def _train_loop(self) -> None:
+        state, total = self.state, self.plan.total_steps
+        every = log_every(total)
+        window = ThroughputWindow(state.step)
+        policy = CheckpointPolicy(
+            self.spec.checkpointing.interval_steps, self.spec.checkpointing.interval_minutes
+        )
+        last_log = time.monotonic()
+        started = time.monotonic()
+        log.info("training steps %d..%d of %d", state.step + 1, total, total)
+        for index in range(state.step, total):
+            planned = self.plan.step_batches(index)
+            lr = float(self.scheduler.get_last_lr()[0])
+            loss, tokens = self._train_step(planned)
+            state.step = index + 1
+            state.epoch, state.batch_index = planned.next_position
+            state.tokens_seen += tokens
+            window.add(tokens)
+            self._pending_losses.append((state.step, loss, lr))
+            done = state.step == total
+            if state.step % every == 0 or done or time.monotonic() - last_log >= LOG_INTERVAL_S:
+                self._log_progress(window, lr)
+                last_log = time.monotonic()
+            if self.preemption.is_set():
+                state.train_seconds += time.monotonic() - started
+                uri = self.save_checkpoint()
+                raise Preempted(state.step, uri)
+            if not done and policy.due(state.step):
+                state.train_seconds += time.monotonic() - started
+                started = time.monotonic()
+                try:
+                    self.save_checkpoint()
+                except StorageError as exc:
+                    # Storage already retried; a lost periodic checkpoint only costs progress
+                    # on a later failure, so keep training (the final one must succeed).
+                    log.error("checkpoint of step %d not saved: %s", state.step, exc)
+                policy.saved()
+        state.train_seconds += time.monotonic() - started
+        # A final checkpoint: a retry after a failure in evaluation or publishing goes
+        # straight there instead of training again.
+        self.save_checkpoint()
+
+    def _collate(self, batch: MicroBatch) -> Batch:
+        examples = self.train_examples
+        pad = int(self.tokenizer.pad_token_id)
+        if self.spec.hyperparameters.packing:
+            rows = [[examples[i] for i in row] for row in batch]
+            return collate_packed(rows, pad, mask_dtype=self.mask_dtype)
+        return collate_padded([examples[row[0]] for row in batch], pad)
+
+    def _train_step(self, planned: StepBatches) -> tuple[torch.Tensor, int]:
+        """One optimizer step over this process's share of the step's micro-batches."""
+        step_tokens = sum(self._trained_tokens[i] for b in planned.batches for r in b for i in r)
+        loss, tokens = train_step(
+            self.model,
+            planned.batches[self.rank :: self.world_size],
+            self._collate,
+            step_tokens=step_tokens,
+            world_size=self.world_size,
+            precision=self.precision,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            params=self.trainable,
+            no_sync=lambda: self.accelerator.no_sync(self.model),
+        )
+        if self.world_size > 1:
+            loss = self.accelerator.reduce(loss, reduction="sum") / self.world_size
+            tokens = int(self.accelerator.reduce(torch.tensor(tokens, device=self.device)).item())
+        return loss, tokens
+
+    def _drain_losses(self) -> None:
+        """Move the per-step loss tensors to the history (one host sync for many steps)."""
+        for step, loss, lr in self._pending_losses:
+            value = float(loss.item())
+            self.state.loss_history.append({"step": step, "loss": value, "lr": lr})
+            self._window_losses.append(value)
+        self._pending_losses.clear()
+
+    def _log_progress(self, window: ThroughputWindow, lr: float) -> None:
+        self._drain_losses()
+        state = self.state
+        rate, eta = window.close_window(state.step, self.plan.total_steps)
+        memory, label = peak_memory(self.device)
+        losses, self._window_losses = self._window_losses, []
+        snapshot = ProgressSnapshot(
+            step=state.step,
+            total_steps=self.plan.total_steps,
+            epoch=self.plan.epoch_progress(state.step),
+            loss=sum(losses) / max(1, len(losses)),
+            learning_rate=lr,
+            tokens_per_second=rate,
+            eta_seconds=eta,
+            memory_bytes=memory,
+            memory_label=label,
+        )
+        if self.is_main:
+            log.info("%s", snapshot.line())
+        self.reporter.report(
+            progress=snapshot.progress(),
+            metrics=TrainingMetrics(
+                train_loss=snapshot.loss,
+                learning_rate=lr,
+                tokens_per_second=round(rate, 1),
+                peak_gpu_memory_bytes=memory if self.device.type == "cuda" else None,
+            ),
+        )
+
+    # ------------------------------------------------------------------------- checkpoint
+
+    def save_checkpoint(self) -> str | None:
+        """Save and publish the full training state at the current step; return its URI."""
+        self._drain_losses()
+        uri: str | None = None
+        if self.is_main:
+            started = time.monotonic()
+            step = self.state.step
+            local = self.work_dir / "checkpoints" / f"step-{step}"
+            shutil.rmtree(local, ignore_errors=True)
+            save_trainable(self.unwrapped, local, self.spec.method)
+            save_training_state(
+                local,
+                state=self.state,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                scaler=self.scaler,
+            )
+            output = self.spec.output.uri
+            uri = self.storage.publish_checkpoint(local, output, step)
+            pruned = self.storage.prune_checkpoints(output, self.spec.checkpointing.keep)
+            shutil.rmtree(local, ignore_errors=True)
+            log.info(
+                "checkpoint of step %d published to %s in %.1fs%s",
+                step,
+                uri,
+                time.monotonic() - started,
+                f" (pruned steps {pruned})" if pruned else "",
+            )
+        self.accelerator.wait_for_everyone()
+        return uri
+
+    # ------------------------------------------------------------------------- evaluation
+
+    def _evaluate_model(self, model: torch.nn.Module) -> ModelEval:
+        ev, ds = self.spec.evaluation, self.spec.dataset
+        result = ModelEval()
+        if self.validation_examples and {"loss", "perplexity"} & set(ev.metrics):
+            result.loss, result.tokens = validation_loss(
+                model,
+                self.validation_examples,
+                rows_per_batch=self.spec.hyperparameters.batch_size,
+                max_seq_length=ds.max_seq_length,
+                pad_token_id=int(self.tokenizer.pad_token_id),
+                precision=self.precision,
+                mask_dtype=self.mask_dtype,
+            )
+        for prompts, answers in (
+            (self.eval_samples, result.sample_answers),
+            (self.eval_prompts, result.prompt_answers),
+        ):
+            if prompts:
+                answers.extend(
+                    generate_answers(
+                        model,
+                        prompts,
+                        self.tokenizer,
+                        max_new_tokens=ev.max_new_tokens,
+                        precision=self.precision,
+                    )
+                )
+        return result
+
+    def evaluate(self) -> EvalReport | None:
+        """Validation loss/perplexity and scored answers of the base and fine-tuned model."""
+        if not self.spec.evaluation.enabled or not self.is_main:
+            return None
+        self.reporter.report(stage="Evaluating")
+        model = self.unwrapped
+        tuned = self._evaluate_model(model)
+        if self.spec.method == "full":
+            base = ModelEval(**self.state.base_eval) if self.state.base_eval else ModelEval()
+        else:
+            with model.disable_adapter():  # type: ignore[operator]
+                base = self._evaluate_model(model)
+        report = build_report(
+            samples=self.eval_samples,
+            extra=self.eval_prompts,
+            base=base,
+            tuned=tuned,
+            metrics=self.spec.evaluation.metrics,
+        )
+        self.eval_report = report
+        log.info(
+            "evaluation: loss %s -> %s, perplexity %s -> %s, ROUGE-L %s -> %s, BLEU %s -> %s "
+            "(base -> fine-tuned)",
+            *(
+                "n/a" if v is None else f"{v:.4g}"
+                for pair in (
+                    (report.base.loss, report.fine_tuned.loss),
+                    (report.base.perplexity, report.fine_tuned.perplexity),
+                    (report.base.rouge_l, report.fine_tuned.rouge_l),
+                    (report.base.bleu, report.fine_tuned.bleu),
+                )
+                for v in pair
+            ),
+        )
+        self.reporter.report(
+            metrics=TrainingMetrics(
+                eval_loss=report.fine_tuned.loss,
+                perplexity=report.fine_tuned.perplexity,
+                base_eval_loss=report.base.loss,
+                base_perplexity=report.base.perplexity,
+                rouge_l=report.fine_tuned.rouge_l,
+                bleu=report.fine_tuned.bleu,
+            ),
+            urgent=True,
+        )
+        return report
+
+    # ---------------------------------------------------------------------------- publish
+
+    def metrics_summary(self) -> dict[str, Any]:
+        state, report = self.state, self.eval_report
+        history = state.loss_history
+        tail = [h["loss"] for h in history[-max(1, log_every(self.plan.total_steps)) :]]
+        memory, label = peak_memory(self.device)
+        return {
+            "method": self.spec.method,
+            "steps": state.step,
+            "total_steps": self.plan.total_steps,
+            "epochs": self.plan.epoch_progress(state.step),
+            "train_loss": sum(tail) / len(tail) if tail else None,
+            "train_loss_history": history,
+            "eval": None
+            if report is None
+            else {"base": asdict(report.base), "fine_tuned": asdict(report.fine_tuned)},
+            "tokens_seen": state.tokens_seen,
+            "train_seconds": round(state.train_seconds, 3),
+            "tokens_per_second": state.tokens_seen / state.train_seconds
+            if state.train_seconds
+            else None,
+            "parameters": {"trainable": self.trainable_params, "total": self.total_params},
+            "data": {
+                "format": self.format,
+                "train": self.train_examples.stats.as_dict(),
+                "validation": self.validation_examples.stats.as_dict(),
+            },
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "compute_dtype": str(self.precision.compute_dtype or torch.float32),
+            "memory_estimate_bytes": None
+            if self.memory_estimate is None
+            else self.memory_estimate.per_gpu,
+            "peak_memory_bytes": memory,
+            "peak_memory_kind": label,
+        }
+
+    def publish(self) -> OutputStatus | None:
+        """Write the adapter or model, tokenizer, config, metrics, reports; upload; manifest."""
+        if not self.is_main:
+            return None
+        self.reporter.report(stage="Publishing")
+        spec = self.spec
+        out = self.work_dir / "output"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        dtype = original_dtype(self.model_config)
+        if spec.method == "full":
+            save_full_model(self.unwrapped, out, dtype)
+        else:
+            save_adapter(self.unwrapped, out, spec.base_model.uri)
+        self.tokenizer.save_pretrained(str(out))
+        write_json(out / TRAINER_CONFIG_FILE, self.config.model_dump(mode="json", by_alias=True))
+        write_json(out / METRICS_FILE, self.metrics_summary())
+        if self.eval_report is not None:
+            (out / REPORT_JSON).write_text(self.eval_report.to_json(), encoding="utf-8")
+            (out / REPORT_MD).write_text(self.eval_report.to_markdown(), encoding="utf-8")
+        if spec.output.merge_adapter:
+            save_merged(
+                self.model_dir,
+                out,
+                out / MERGED_DIR,
+                self.tokenizer,
+                dtype=dtype,
+                trust_remote_code=spec.base_model.trust_remote_code,
+            )
+        files = upload_outputs(self.storage, out, spec.output.uri)
+        base_uri = spec.output.uri.rstrip("/")
+        status = OutputStatus(
+            adapter_uri=None if spec.method == "full" else base_uri,
+            model_uri=base_uri
+            if spec.method == "full"
+            else (f"{base_uri}/{MERGED_DIR}" if spec.output.merge_adapter else None),
+            files=[f.to_output_file() for f in files],
+        )
+        history = self.state.loss_history
+        self.reporter.report(
+            output=status,
+            progress=ProgressSnapshot(
+                step=self.state.step,
+                total_steps=self.plan.total_steps,
+                epoch=self.plan.epoch_progress(self.state.step),
+                loss=history[-1]["loss"] if history else float("nan"),
+                learning_rate=0.0,
+                tokens_per_second=0.0,
+                eta_seconds=0,
+            ).progress(),
+            urgent=True,
+        )
+        return status
+
+    def cleanup(self) -> None:
+        self.preemption.uninstall()
+        self.reporter.close()
+        self.accelerator.end_training()
