@@ -391,9 +391,10 @@ class Hyperparameters(_SpecModel):
         ge=1,
         le=1024,
         description=(
-            "Sequences per GPU per forward pass (micro-batch; default 4). Lower it if the job "
-            "runs out of GPU memory and raise gradientAccumulationSteps to keep the effective "
-            "batch."
+            "Rows per GPU per forward pass (micro-batch; default 4). With packing on, a row "
+            "holds several records packed up to maxSeqLength tokens; with packing off, one "
+            "record padded to the longest in the batch. Lower it if the job runs out of GPU "
+            "memory and raise gradientAccumulationSteps to keep the effective batch."
         ),
     )
     gradient_accumulation_steps: int = Field(
