@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv binaries cluster-up cluster-down cluster-status lint test demo crds chart bench
 
 help:
-	@echo "make demo          bring up the local cluster + S3 and show how to use it"
+	@echo "make demo          local cluster + S3, the chart, and the quickstart FineTuneJob end to end"
 	@echo "make test          lint, type-check and run the whole test suite"
 	@echo "make cluster-up    start the local control plane, process node and S3 server"
 	@echo "make cluster-down  stop them and forget their state"
@@ -54,5 +54,6 @@ lint: venv
 test: lint cluster-up
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The quickstart end to end: S3 assets, chart, examples/quickstart.yaml, live progress, results.
 demo: cluster-up
-	@echo "The FineTuneJob demo is not built yet; the local cluster above is ready to use."
+	$(PY) examples/quickstart/demo.py
