@@ -62,6 +62,9 @@ EXTRA: dict[str, dict[str, Any]] = {
     "metrics.service.port": {"minimum": 1, "maximum": 65535},
     "replicaCount": {"minimum": 0},
     "trainer.storage.endpoint": {"pattern": r"^(https?://[^/ ]+(/.*)?)?$"},
+    "trainer.storage.credentialsSecretName": {
+        "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
+    },
     "imagePullSecrets": {
         "items": {
             "type": "object",

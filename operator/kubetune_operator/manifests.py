@@ -25,6 +25,7 @@ from kubetune_trainer.api import (
     KUEUE_QUEUE_LABEL,
     PLURAL,
     FineTuneSpec,
+    SecretKeySelector,
 )
 from kubetune_trainer.config import (
     CONFIG_DIR,
@@ -113,7 +114,8 @@ def parse_spec(ftj: Mapping[str, Any]) -> FineTuneSpec:
 
 
 def effective_spec(spec: FineTuneSpec, settings: OperatorSettings) -> FineTuneSpec:
-    """Fill in what the user left to the operator: image, storage endpoint, GPU resource name.
+    """Fill in what the user left to the operator: image, storage endpoint and credentials
+    Secret, GPU resource name.
 
     Why the GPU name is remapped: the CRD defaults gpuResourceName to nvidia.com/gpu, so the
     operator cannot tell "unset" from an explicit nvidia.com/gpu. On clusters configured with
@@ -122,6 +124,9 @@ def effective_spec(spec: FineTuneSpec, settings: OperatorSettings) -> FineTuneSp
     storage = spec.storage
     if storage.endpoint is None and settings.default_storage_endpoint:
         storage = storage.model_copy(update={"endpoint": settings.default_storage_endpoint})
+    if storage.credentials_secret_ref is None and settings.default_credentials_secret:
+        ref = SecretKeySelector(name=settings.default_credentials_secret)
+        storage = storage.model_copy(update={"credentials_secret_ref": ref})
     resources = spec.resources
     if resources.gpu_resource_name == API_DEFAULT_GPU_RESOURCE:
         resources = resources.model_copy(

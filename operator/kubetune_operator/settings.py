@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import kopf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kubetune_trainer.api import DNS_LABEL_PATTERN, GROUP
+from kubetune_trainer.api import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, GROUP
 
 ENV_PREFIX = "KUBETUNE_"
 # Labels selecting the Jobs and pods this operator made; also used server-side in the watches.
@@ -59,6 +59,15 @@ class OperatorSettings(BaseModel):
     default_storage_endpoint: (
         Annotated[str, Field(max_length=2048, pattern=r"^https?://[^/ ]+(/.*)?$")] | None
     ) = Field(default=None, description="S3 endpoint for jobs without spec.storage.endpoint.")
+    default_credentials_secret: (
+        Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)] | None
+    ) = Field(
+        default=None,
+        description=(
+            "Secret (in each job's namespace) with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for "
+            "jobs without spec.storage.credentialsSecretRef. The operator never reads it."
+        ),
+    )
     default_gpu_resource_name: Annotated[str, Field(pattern=GPU_RESOURCE_PATTERN)] = Field(
         default="nvidia.com/gpu",
         description=(

@@ -122,6 +122,7 @@ def test_values_reach_the_operator_settings() -> None:
     docs = render(
         "trainer.storage.endpoint=http://minio.storage:9000",
         "trainer.gpuResourceName=amd.com/gpu",
+        "trainer.storage.credentialsSecretName=team-s3",
         "operator.watchNamespaces={a,b}",
         "trainer.image.digest=sha256:" + "b" * 64,
     )
@@ -133,6 +134,7 @@ def test_values_reach_the_operator_settings() -> None:
     assert env["KUBETUNE_DEFAULT_STORAGE_ENDPOINT"] == "http://minio.storage:9000"
     assert env["KUBETUNE_DEFAULT_GPU_RESOURCE_NAME"] == "amd.com/gpu"
     assert env["KUBETUNE_NAMESPACES"] == "a,b"
+    assert env["KUBETUNE_DEFAULT_CREDENTIALS_SECRET"] == "team-s3"
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer@sha256:" + "b" * 64
 
 

@@ -441,3 +441,23 @@ def test_builders_do_not_mutate_their_input() -> None:
     before = copy.deepcopy(ftj)
     manifests.children(manifests.target(ftj, SETTINGS), SETTINGS)
     assert ftj == before
+
+
+def test_default_credentials_secret_applies_only_to_jobs_without_one() -> None:
+    settings = OperatorSettings(default_credentials_secret="team-s3")
+    plain = served()
+    plain["spec"]["storage"].pop("credentialsSecretRef", None)
+    job = manifests.job(manifests.target(plain, settings), settings)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "team-s3",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
+    own = served(storage={"credentialsSecretRef": {"name": "mine"}})
+    job = manifests.job(manifests.target(own, settings), settings)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mine"
+    # Without the setting, a job without a Secret gets no credential variables at all.
+    job = manifests.job(manifests.target(plain, SETTINGS), SETTINGS)
+    names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "AWS_ACCESS_KEY_ID" not in names
