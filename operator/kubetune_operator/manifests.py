@@ -385,6 +385,20 @@ def pod_failure_policy() -> Body:
     }
 
 
+def trainer_command(spec: FineTuneSpec, settings: OperatorSettings) -> list[str]:
+    """The trainer's command line: one process, or one per GPU under torchrun.
+
+    With several GPUs the trainer runs data-parallel (DDP through accelerate): torchrun starts
+    the same CLI once per GPU on this node and sets RANK/WORLD_SIZE; `--no-python` runs the
+    console script (or a test's stand-in) as given.
+    """
+    command = [*settings.trainer_command, CONFIG_PATH]
+    if spec.resources.gpus > 1:
+        per_node = f"--nproc-per-node={spec.resources.gpus}"
+        return ["torchrun", "--standalone", "--nnodes=1", per_node, "--no-python", *command]
+    return command
+
+
 def job(t: Target, settings: OperatorSettings) -> Body:
     spec = t.spec
     volumes, mounts = _volumes(t)
@@ -397,7 +411,7 @@ def job(t: Target, settings: OperatorSettings) -> Body:
         "imagePullPolicy": settings.image_pull_policy,
         # Explicit command: the trainer does not depend on the image's ENTRYPOINT (and the
         # local process node, which runs no images, can run it).
-        "command": [*settings.trainer_command, CONFIG_PATH],
+        "command": trainer_command(t.spec, settings),
         "env": _env(spec),
         "resources": _resources(spec),
         "volumeMounts": mounts,

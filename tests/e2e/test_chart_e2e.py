@@ -199,6 +199,21 @@ def test_deleting_a_running_job_leaves_no_pods(installed: Cluster) -> None:
     assert "e2e-delete" not in jobs
 
 
+def test_two_gpu_job_trains_data_parallel_with_one_process_per_gpu(installed: Cluster) -> None:
+    # The process node has no GPUs, so the two torchrun workers run DDP on CPU (gloo): the same
+    # launch path a 2-GPU node uses with NCCL.
+    apply_example(installed, "quickstart.yaml", **{
+        "metadata.name": "e2e-ddp", "spec.output.uri": "s3://kubetune/e2e/ddp/",
+        "spec.resources.gpus": 2, "spec.hyperparameters.epochs": 1,
+        "spec.evaluation.enabled": False,
+    })  # fmt: skip
+    wait_condition(installed, "e2e-ddp", "Succeeded", 600)
+    logs = installed.kubectl("logs", "-n", NAMESPACE, "job/e2e-ddp-train").stdout
+    assert "x 2 process(es)" in logs
+    status = installed.get("ftj", "e2e-ddp", NAMESPACE)["status"]
+    assert status["progress"]["step"] == status["progress"]["totalSteps"]
+
+
 def test_helm_uninstall_leaves_the_cluster_clean_but_keeps_crds(installed: Cluster) -> None:
     # Runs last in this module (pytest keeps file order).
     cluster = installed

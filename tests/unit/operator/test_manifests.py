@@ -461,3 +461,15 @@ def test_default_credentials_secret_applies_only_to_jobs_without_one() -> None:
     job = manifests.job(manifests.target(plain, SETTINGS), SETTINGS)
     names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "AWS_ACCESS_KEY_ID" not in names
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 4])
+def test_several_gpus_run_one_trainer_process_per_gpu(gpus: int) -> None:
+    job = manifests.job(target(resources={"gpus": gpus}), SETTINGS)
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[-3:] == ["kubetune-trainer", "--config", CONFIG_PATH]
+    if gpus > 1:
+        assert command[:5] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4",
+                               "--no-python"]  # fmt: skip
+    else:
+        assert command == ["kubetune-trainer", "--config", CONFIG_PATH]
