@@ -91,7 +91,8 @@ def adopt_crds(release: str = "kubetune", namespace: str = OPERATOR_NAMESPACE) -
                     f"meta.helm.sh/release-namespace={namespace}", "--overwrite")  # fmt: skip
 
 
-def install_chart(env: dict[str, str]) -> None:
+def install_chart(env: dict[str, str], *sets: str) -> None:
+    """`sets` are extra `--set` values (the e2e tests pick free ports for the operator)."""
     step("helm upgrade --install kubetune charts/kubetune (CRDs, operator, RBAC)")
     adopt_crds()
     run(
@@ -100,6 +101,7 @@ def install_chart(env: dict[str, str]) -> None:
         "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
         "--values", str(ROOT / "examples/quickstart/local-values.yaml"),
         "--set", f"trainer.storage.endpoint={env['AWS_ENDPOINT_URL']}",
+        *(arg for value in sets for arg in ("--set", value)),
         "--wait", "--timeout", "3m",
     )  # fmt: skip
     print(kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide").rstrip())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -37,12 +38,26 @@ def installed(cluster: Cluster) -> Iterator[Cluster]:
     cluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true",
                     timeout=180)  # fmt: skip
     demo.create_secret(env, NAMESPACE)
-    demo.install_chart(env)
+    # Pods share the host network on the process node: free ports keep this operator clear of
+    # anything else listening on the machine (another checkout's cluster, a demo).
+    metrics, health = free_ports(2)
+    demo.install_chart(env, f"operator.metricsPort={metrics}", f"operator.healthPort={health}",
+                       f"metrics.service.port={metrics}")  # fmt: skip
     yield cluster
     # Normally already done by the last test; this is the clean-up when a test failed.
     demo.run(str(cluster.bin / "helm"), "uninstall", "kubetune", "--namespace", RELEASE_NAMESPACE,
              "--kubeconfig", str(cluster.kubeconfig), "--wait", check=False)  # fmt: skip
     cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [int(sock.getsockname()[1]) for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
 
 
 def s3_client(cluster: Cluster) -> Any:

@@ -61,7 +61,8 @@ def install_operator_identity(cluster: Cluster, workdir: Path) -> Iterator[Opera
     with cluster.namespace() as namespace:
         release = f"kt-{uuid.uuid4().hex[:6]}"
         rendered = subprocess.run(
-            [str(cluster.bin / "helm"), "template", release, str(CHART), "--namespace", namespace],
+            [str(cluster.bin / "helm"), "template", release, str(CHART), "--namespace", namespace,
+             "--show-only", "templates/rbac.yaml"],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         docs = [d for d in yaml.safe_load_all(rendered) if d]
