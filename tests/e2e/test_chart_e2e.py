@@ -42,7 +42,8 @@ def installed(cluster: Cluster) -> Iterator[Cluster]:
     # anything else listening on the machine (another checkout's cluster, a demo).
     metrics, health = free_ports(2)
     demo.install_chart(env, f"operator.metricsPort={metrics}", f"operator.healthPort={health}",
-                       f"metrics.service.port={metrics}")  # fmt: skip
+                       f"metrics.service.port={metrics}",
+                       f"operator.watchNamespaces={{{NAMESPACE}}}")  # fmt: skip
     yield cluster
     # Normally already done by the last test; this is the clean-up when a test failed.
     demo.run(str(cluster.bin / "helm"), "uninstall", "kubetune", "--namespace", RELEASE_NAMESPACE,

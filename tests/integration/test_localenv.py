@@ -396,3 +396,23 @@ def test_s3_multipart_upload_listing_and_ranged_get(cluster: Cluster) -> None:
         Bucket=bucket,
         Delete={"Objects": [{"Key": prefix + "big.bin"}, {"Key": prefix + "small.txt"}]},
     )
+
+
+def test_volume_over_the_directory_holding_the_repository(cluster: Cluster, namespace: str) -> None:
+    # An emptyDir at /tmp hides a checkout that lives under /tmp (as CI's clones do); mounting
+    # over the repository's parent directory reproduces that wherever the checkout is.
+    hidden = str(Path(__file__).resolve().parents[2].parent)
+    cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
+                   "data": {"x": "visible"}}, namespace)  # fmt: skip
+    script = "open('/dev/termination-log', 'w').write(open('/etc/cfg/x').read())"
+    pod_spec = {
+        "container": {"volumeMounts": [{"name": "scratch", "mountPath": hidden},
+                                       {"name": "cfg", "mountPath": "/etc/cfg"}]},
+        "volumes": [{"name": "scratch", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "cfg"}}],
+    }  # fmt: skip
+    cluster.apply(job("shadow", script, **pod_spec), namespace)
+    done = wait_until(lambda: job_condition(cluster, "shadow", namespace), 60, "Job shadow")
+    pod = only_pod(cluster, namespace, "job-name=shadow")
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert done["type"] == "Complete", terminated.get("message")
+    assert terminated["message"] == "visible"

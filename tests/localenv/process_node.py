@@ -63,6 +63,7 @@ import requests
 log = logging.getLogger("process-node")
 HERE = Path(__file__).resolve().parent
 VENV_BIN = Path(sys.executable).parent
+REPO = HERE.parents[1]
 START_ERROR_EXIT = 128
 TERMINATION_MESSAGE_LIMIT = 4096
 
@@ -418,8 +419,11 @@ class Container:
             "env": env,
             "mounts": all_mounts,
             "workingDir": spec.get("workingDir") or str(self.runner.dir / "home"),
+            "workingDirIsExplicit": bool(spec.get("workingDir")),
             "terminationLog": str(termination),
             "startErrorMarker": str(marker),
+            # Bound back if a volume hides them (e.g. an emptyDir at /tmp over a checkout there).
+            "hostPaths": sorted({str(REPO), str(VENV_BIN.parent)}),
         }
         if not argv:
             # Images are not run here, so there is no ENTRYPOINT to fall back on.
