@@ -177,22 +177,40 @@ def write_assets(out: Path, train: int = 400, validation: int = 40, seed: int = 
     return out
 
 
-def upload(local: Path, uri: str, env: dict[str, str] | None = None) -> None:
-    """Upload a directory; `env` holds AWS_* settings (default: this process's environment)."""
+def s3_client(env: dict[str, str] | None = None) -> Any:
+    """A boto3 S3 client from AWS_* settings (default: this process's environment)."""
     import boto3  # noqa: PLC0415
 
     env = dict(os.environ if env is None else env)
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    s3 = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env.get("AWS_ENDPOINT_URL"),
         aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
         region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
     )
+
+
+def upload(local: Path, uri: str, env: dict[str, str] | None = None) -> None:
+    """Upload a directory; `env` holds AWS_* settings (default: this process's environment)."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    s3 = s3_client(env)
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         key = f"{prefix.rstrip('/')}/{path.relative_to(local).as_posix()}".lstrip("/")
         s3.upload_file(str(path), bucket, key)
+
+
+def remove(uri: str, env: dict[str, str] | None = None) -> int:
+    """Delete every object under an s3:// prefix; returns how many there were."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    s3 = s3_client(env)
+    removed = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+            removed += len(keys)
+    return removed
 
 
 def main() -> None:

@@ -107,9 +107,12 @@ def install_chart(env: dict[str, str], *sets: str) -> None:
     print(kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide").rstrip())
 
 
-def apply_job() -> None:
+def apply_job(env: dict[str, str]) -> None:
     step(f"kubectl apply -f examples/quickstart.yaml -n {NAMESPACE}")
     kubectl("delete", "finetunejob", JOB, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
+    # A FineTuneJob resumes from the checkpoints under its output.uri; a demo run starts over.
+    if assets.remove(f"{PREFIX}/output/", env):
+        print(f"(removed the previous run's {PREFIX}/output/, so training starts at step 0)")
     print(kubectl("apply", "-n", NAMESPACE, "-f", str(ROOT / "examples/quickstart.yaml")).rstrip())
 
 
@@ -153,8 +156,6 @@ def watch() -> dict[str, Any]:
 
 
 def report(ftj: dict[str, Any], env: dict[str, str]) -> None:
-    import boto3  # noqa: PLC0415
-
     step("Final status")
     print(kubectl("get", "finetunejob", JOB, "-n", NAMESPACE, "-o", "wide").rstrip())
     status = ftj["status"]
@@ -166,13 +167,7 @@ def report(ftj: dict[str, Any], env: dict[str, str]) -> None:
                   f"involvedObject.name={JOB}", "--sort-by=.lastTimestamp").rstrip())  # fmt: skip
     if status.get("phase") != "Succeeded":
         raise SystemExit(f"demo: the job ended {status.get('phase')}: {status.get('message')}")
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
+    s3 = assets.s3_client(env)
     step("Base model vs fine-tuned (eval_report.md)")
     body = s3.get_object(Bucket="kubetune", Key="quickstart/output/eval_report.md")["Body"]
     print(body.read().decode())
@@ -189,7 +184,7 @@ def main() -> None:
     upload_assets(env)
     create_secret(env)
     install_chart(env)
-    apply_job()
+    apply_job(env)
     ftj = watch()
     report(ftj, env)
     print(f"\ndemo: done in {time.monotonic() - started:.0f} s. Try: "

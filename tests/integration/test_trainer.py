@@ -259,6 +259,22 @@ def test_lora_chat_reports_status_into_its_finetunejob_and_publishes_loadable_ou
     )
     assert denied.status_code == 403
 
+    # A pod restarted after its last step (say, its node died while publishing) resumes from
+    # the final checkpoint: it does not train again, and still shows the whole story.
+    cluster.kubectl(
+        "patch", "finetunejob", "chat", "-n", namespace, "--subresource=status",
+        "--type=json", "-p", '[{"op": "remove", "path": "/status"}]',
+    )  # fmt: skip
+    again = run_trainer(config, env=env)
+    assert_succeeded(again)
+    assert again.log_lines("training already complete")
+    status = cluster.get("finetunejob", "chat", namespace)["status"]
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] == metrics["total_steps"]
+    assert status["metrics"]["trainLoss"] == pytest.approx(
+        metrics["train_loss_history"][-1]["loss"]
+    )
+    assert status["output"]["adapterUri"] == output
+
     # The published adapter is the model the run evaluated: same validation loss when
     # loaded back with peft, and the merged copy gives the same logits.
     local = download_verified(s3, "out/chat", tmp_path / "published")

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -49,6 +50,7 @@ from kubetune_trainer.api import (
     MemoryEstimate,
     OutputStatus,
     ParameterCounts,
+    Progress,
     TrainingMetrics,
 )
 from kubetune_trainer.checkpoint import (
@@ -566,7 +568,21 @@ class FineTuneRecipe:
             # Full fine-tuning overwrites the base weights: evaluate them first.
             self.reporter.report(stage="Evaluating")
             self.state.base_eval = asdict(self._evaluate_model(self.unwrapped))
-        self.reporter.report(stage="Training")
+        # The starting position goes out with the stage, so `kubectl get` shows 0/N (or the
+        # resumed step) from the first moment, not only after the first progress interval.
+        step, total, history = self.state.step, self.plan.total_steps, self.state.loss_history
+        self.reporter.report(
+            stage="Training",
+            progress=Progress(
+                epoch=round(self.plan.epoch_progress(step), 4),
+                step=step,
+                total_steps=total,
+                percent=round(100.0 * step / total, 2) if total else 100.0,
+                update_time=datetime.now(UTC).replace(microsecond=0),
+            ),
+            # A resumed job shows its last loss at once (even one resumed after its last step).
+            metrics=TrainingMetrics(train_loss=history[-1]["loss"]) if history else None,
+        )
         if self.state.step >= self.plan.total_steps:
             log.info("training already complete (step %d)", self.state.step)
             return
