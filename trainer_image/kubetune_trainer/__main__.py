@@ -163,6 +163,18 @@ def configure_logging() -> None:
     )
 
 
+def hide_bitsandbytes(spec: FineTuneSpec) -> None:
+    """Make bitsandbytes look uninstalled for methods that do not quantize.
+
+    peft imports bitsandbytes whenever it is installed, and bitsandbytes imports torch._dynamo's
+    debugging and functorch modules: about 2.5 s of a CPU pod's start-up
+    (benchmarks/startup.py). Only qlora uses it. Called once per process, by `run`, which runs
+    one job: the effect is process-wide (importlib then finds no such module).
+    """
+    if spec.method != "qlora" and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Run one job; return the exit code."""
     parser = argparse.ArgumentParser(prog="kubetune-trainer", description=__doc__)
@@ -182,6 +194,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         spec = config.spec
+        hide_bitsandbytes(spec)
         recipe = FineTuneRecipe(config)
         recipe.setup()
         recipe.train()
