@@ -33,6 +33,7 @@ from kubetune_trainer.data.templates import (
     chatml_segments,
     encode_segments,
 )
+from kubetune_trainer.modeling import causal_lm_loss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -63,8 +64,10 @@ def validation_loss(
     pad_token_id: int,
     precision: Precision,
     mask_dtype: torch.dtype = torch.bool,
+    trained_logits_only: bool = False,
 ) -> tuple[float, int]:
-    """(mean loss per trained token, trained tokens) over `examples`, packed like training."""
+    """(mean loss per trained token, trained tokens) over `examples`, packed like training
+    (and with the same loss computation: modeling.causal_lm_loss)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=precision.device)
@@ -76,13 +79,14 @@ def validation_loss(
                 [[examples[i] for i in row] for row in group], pad_token_id, mask_dtype=mask_dtype
             ).to(precision.device)
             with precision.autocast():
-                # num_items_in_batch=1 makes transformers return the summed token loss.
-                out = model(
-                    **batch.model_inputs(),
-                    use_cache=False,
-                    num_items_in_batch=torch.ones((), device=precision.device),
+                # A divisor of 1: the summed token loss.
+                loss = causal_lm_loss(
+                    model,
+                    batch,
+                    torch.ones((), device=precision.device),
+                    trained_logits_only=trained_logits_only,
                 )
-            total += out.loss.double()
+            total += loss.double()
             tokens += batch.num_label_tokens
     finally:
         model.train(was_training)

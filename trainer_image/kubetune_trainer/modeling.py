@@ -9,6 +9,9 @@
 
 Attention is SDPA, which takes the packed batches' 4D block-diagonal bool mask; a model without
 SDPA support falls back to eager attention, which needs the additive float mask instead.
+
+The loss (causal_lm_loss) applies the output head only at the positions that are trained, through
+the model's own `logits_to_keep` (see there).
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from kubetune_trainer.api import FineTuneSpec
+from kubetune_trainer.data.tokenize import IGNORE_INDEX
 from kubetune_trainer.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from kubetune_trainer.data.packing import Batch
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +205,71 @@ def prepare_for_training(
         return cast(torch.nn.Module, get_peft_model(model, config))
     except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
         raise ConfigError(f"lora.targetModules: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------- loss
+
+
+def causal_lm_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    divisor: torch.Tensor,
+    *,
+    trained_logits_only: bool,
+) -> torch.Tensor:
+    """Summed token cross-entropy of `batch` divided by `divisor`: exactly the loss that
+    `model(**inputs, num_items_in_batch=divisor).loss` returns (transformers' ForCausalLMLoss).
+
+    With trained_logits_only the output head runs only where a label is trained (labels[t + 1]
+    != -100): not at prompt, padding or sequence-end positions, whose logits the loss ignores
+    anyway. That saves the head's FLOPs and, above all, the [batch, seq, vocab] logits tensor
+    (2 GB in fp32 for 4 x 1024 tokens of a 128k vocabulary) at most positions. It goes through
+    the model's own forward with a boolean `logits_to_keep` (transformers' slice_logits_to_keep:
+    hidden states [num_true, hidden] before lm_head): what runs is still model(...), so a DDP
+    wrapper still syncs gradients, PEFT's forward and the model's own post-head steps (logit
+    soft-capping or scaling) still apply, and nothing has to reach into submodules of a
+    quantized or wrapped model. Models that cannot take a mask fall back to the full logits
+    (supports_trained_logits decides once). As in transformers, logits are upcast to fp32 before
+    the cross-entropy.
+    """
+    if not trained_logits_only:
+        out = model(**batch.model_inputs(), use_cache=False, num_items_in_batch=divisor)
+        return cast(torch.Tensor, out.loss)
+    shifted = batch.labels[:, 1:]
+    trained = shifted != IGNORE_INDEX
+    # Position t predicts labels[t + 1]; the last position of a row predicts nothing.
+    keep = torch.nn.functional.pad(trained, (0, 1), value=False)
+    inputs = batch.model_inputs()
+    del inputs["labels"]
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    loss = torch.nn.functional.cross_entropy(logits.float(), shifted[trained], reduction="sum")
+    return loss / divisor.to(loss.device)
+
+
+def supports_trained_logits(model: torch.nn.Module, precision: Precision) -> bool:
+    """Whether `model` takes a boolean [batch, seq] `logits_to_keep` and returns logits only
+    at the True positions (transformers' own models do; some remote-code models do not).
+
+    Probed once with a 3-token forward pass in eval mode (no dropout, so no RNG is drawn)."""
+    ids = torch.zeros((1, 3), dtype=torch.long, device=precision.device)
+    keep = torch.tensor([[True, False, True]], device=precision.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), precision.autocast():
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+        supported = tuple(logits.shape[:-1]) == (2,)
+    except Exception as exc:  # TypeError (unknown argument), IndexError (int-only slicing), ...
+        log.info("the model takes no logits_to_keep mask (%s: %s)", type(exc).__name__, exc)
+        supported = False
+    finally:
+        model.train(was_training)
+    if not supported:
+        log.warning(
+            "this model cannot compute logits at selected positions only: the loss uses the "
+            "logits of every position (correct, but slower and more memory)"
+        )
+    return supported
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -95,6 +95,7 @@ from kubetune_trainer.evaluation import (
 from kubetune_trainer.modeling import (
     Precision,
     attention_mask_dtype,
+    causal_lm_loss,
     check_vocabulary,
     choose_precision,
     load_base_model,
@@ -104,6 +105,7 @@ from kubetune_trainer.modeling import (
     prepare_for_training,
     read_model_config,
     save_trainable,
+    supports_trained_logits,
 )
 from kubetune_trainer.plan import MicroBatch, StepBatches, TrainingPlan, build_scheduler
 from kubetune_trainer.publish import (
@@ -146,6 +148,12 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS peak"
 
 
+def status_loss(loss: float) -> float:
+    """A loss as the status shows it (the Loss printer column): 4 decimals; metrics.json keeps
+    every loss at full precision."""
+    return round(loss, 4)
+
+
 def train_step(
     model: torch.nn.Module,
     micro_batches: Sequence[MicroBatch],
@@ -159,6 +167,7 @@ def train_step(
     scaler: torch.amp.GradScaler,
     params: Sequence[torch.nn.Parameter],
     no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+    trained_logits_only: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """One optimizer step over this process's micro-batches; (summed loss, real tokens).
 
@@ -168,7 +177,8 @@ def train_step(
     the world_size factor. The returned loss is this process's share of the step's mean token
     loss, kept on the device (no host sync). Micro-batches are collated one at a time, so only
     one attention mask exists at once. `no_sync` (DDP) skips the gradient all-reduce on every
-    micro-batch but the last.
+    micro-batch but the last. `trained_logits_only`: the output head runs only at trained
+    positions (modeling.causal_lm_loss; the same loss and gradients, less compute and memory).
     """
     device = precision.device
     divisor = torch.tensor(step_tokens / world_size, device=device)
@@ -180,9 +190,11 @@ def train_step(
         sync = no_sync() if no_sync is not None and world_size > 1 and not last else nullcontext()
         with sync:
             with precision.autocast():
-                out = model(**batch.model_inputs(), use_cache=False, num_items_in_batch=divisor)
-            scaler.scale(out.loss).backward()
-        loss_sum += out.loss.detach().float()
+                loss = causal_lm_loss(
+                    model, batch, divisor, trained_logits_only=trained_logits_only
+                )
+            torch.autograd.backward(scaler.scale(loss))
+        loss_sum += loss.detach().float()
         tokens += batch.num_tokens
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -231,6 +243,11 @@ class FineTuneRecipe:
         self._resume_rng: dict[str, Any] | None = None
         self._window_losses: list[float] = []
         self._pending_losses: list[tuple[int, torch.Tensor, float]] = []
+        # Observers for benchmarks and tests (unset in jobs): called with each optimizer step's
+        # planned micro-batches just before it runs, and once after the last step (before the
+        # final checkpoint).
+        self.before_step: Callable[[StepBatches], None] | None = None
+        self.after_training: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------------------ setup
 
@@ -448,6 +465,8 @@ class FineTuneRecipe:
             base, self.spec, gradient_checkpointing=self.gradient_checkpointing
         )
         self.mask_dtype = attention_mask_dtype(base, self.precision)
+        # Before DDP wrapping: the probe is one forward pass on this process alone.
+        self.trained_logits_only = supports_trained_logits(model, self.precision)
         self.trainable_params, self.total_params = parameter_counts(model)
         log.info(
             "parameters: %s trainable of %s (%.2f%%)",
@@ -581,7 +600,9 @@ class FineTuneRecipe:
                 update_time=datetime.now(UTC).replace(microsecond=0),
             ),
             # A resumed job shows its last loss at once (even one resumed after its last step).
-            metrics=TrainingMetrics(train_loss=history[-1]["loss"]) if history else None,
+            metrics=TrainingMetrics(train_loss=status_loss(history[-1]["loss"]))
+            if history
+            else None,
         )
         if self.state.step >= self.plan.total_steps:
             log.info("training already complete (step %d)", self.state.step)
@@ -607,6 +628,8 @@ class FineTuneRecipe:
         for index in range(state.step, total):
             planned = self.plan.step_batches(index)
             lr = float(self.scheduler.get_last_lr()[0])
+            if self.before_step is not None:
+                self.before_step(planned)
             loss, tokens = self._train_step(planned)
             state.step = index + 1
             state.epoch, state.batch_index = planned.next_position
@@ -632,6 +655,8 @@ class FineTuneRecipe:
                     log.error("checkpoint of step %d not saved: %s", state.step, exc)
                 policy.saved()
         state.train_seconds += time.monotonic() - started
+        if self.after_training is not None:
+            self.after_training()
         # A final checkpoint: a retry after a failure in evaluation or publishing goes
         # straight there instead of training again.
         self.save_checkpoint()
@@ -659,6 +684,7 @@ class FineTuneRecipe:
             scaler=self.scaler,
             params=self.trainable,
             no_sync=lambda: self.accelerator.no_sync(self.model),
+            trained_logits_only=self.trained_logits_only,
         )
         if self.world_size > 1:
             loss = self.accelerator.reduce(loss, reduction="sum") / self.world_size
@@ -695,7 +721,7 @@ class FineTuneRecipe:
         self.reporter.report(
             progress=snapshot.progress(),
             metrics=TrainingMetrics(
-                train_loss=snapshot.loss,
+                train_loss=status_loss(snapshot.loss),
                 learning_rate=lr,
                 tokens_per_second=round(rate, 1),
                 peak_gpu_memory_bytes=memory if self.device.type == "cuda" else None,
@@ -749,6 +775,7 @@ class FineTuneRecipe:
                 pad_token_id=int(self.tokenizer.pad_token_id),
                 precision=self.precision,
                 mask_dtype=self.mask_dtype,
+                trained_logits_only=self.trained_logits_only,
             )
         for prompts, answers in (
             (self.eval_samples, result.sample_answers),

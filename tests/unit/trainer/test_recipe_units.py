@@ -19,7 +19,7 @@ import numpy as np
 import pydantic
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama_model
 
 from kubetune_trainer import exitcodes
 from kubetune_trainer.__main__ import (
@@ -362,17 +362,7 @@ def test_report_scores_answers_and_renders_a_safe_markdown_table() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_llama() -> Any:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_model().eval()
 
 
 def test_validation_loss_of_packed_rows_equals_each_sequence_alone(tiny_llama: Any) -> None:
