@@ -11,8 +11,9 @@ FineTuneJob lifecycle
   marks the job Cancelled while a foreground deletion waits for the training pod to stop.
 
 Status is level-based: every event of one of our Jobs or pods (server-side label filter, see
-settings.configure_kopf) recomputes the owning FineTuneJob's status from the current objects. No
-timers, no polling.
+settings.configure_kopf) recomputes the owning FineTuneJob's status from the current objects, as
+Kopf's in-memory indices hold them (no GET, no LIST: see reconcile.py). No timers, no polling.
+Handlers are coroutines: Kopf runs plain functions in a thread pool, one hand-off per event.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator import metrics, reconcile
+from kubetune_operator import metrics, observed, reconcile
 from kubetune_operator.kube import Kube
 from kubetune_operator.manifests import ftj_name_of
 from kubetune_operator.settings import (
@@ -40,13 +41,11 @@ FTJ = (GROUP, VERSION, PLURAL)
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
 
 
-def _plain(value: Any) -> Any:
-    """Kopf's read-only body views as plain dicts and lists (the models want real dicts)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
+def _ftj(body: kopf.Body) -> dict[str, Any]:
+    """What the reconcile functions read of the FineTuneJob Kopf delivered: a slim copy that
+    shares spec and status with the event (a full deep copy per waiting handler was the largest
+    part of the operator's memory under a burst of FineTuneJobs)."""
+    return observed.slim_ftj(body)
 
 
 def _operator(memo: kopf.Memo) -> reconcile.Operator:
@@ -82,54 +81,104 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         await op.kube.close()
 
 
+# ------------------------------------------------------------------- in-memory indices
+# Slim copies of what the watches deliver (observed.py), keyed by (namespace, FineTuneJob name):
+# status is computed from these instead of GETs and LISTs. Kopf fills them before it calls any
+# handler, also at start-up, so a handler never sees a half-listed cluster.
+
+
+@kopf.index(*FTJ)
+async def ftj_index(namespace: str | None, name: str | None, body: kopf.Body, **_: Any) -> Any:
+    return {(namespace, name): observed.slim_ftj(body)}
+
+
+@kopf.index("batch", "v1", "jobs", labels=OURS)
+async def job_index(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    name = ftj_name_of(body)
+    return {(namespace, name): observed.slim_job(body)} if name else None
+
+
+@kopf.index("v1", "pods", labels=OURS)
+async def pod_index(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    name = ftj_name_of(body)
+    return {(namespace, name): observed.slim_pod(body)} if name else None
+
+
+def _seen(kwargs: Mapping[str, Any]) -> reconcile.Observed:
+    return reconcile.Observed(
+        ftjs=kwargs["ftj_index"], jobs=kwargs["job_index"], pods=kwargs["pod_index"]
+    )
+
+
+# -------------------------------------------------------------------------- FineTuneJobs
+
+
 @kopf.on.create(*FTJ)
-async def created(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def created(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     async with metrics.timed("create"):
-        await reconcile.ensure_children(_operator(memo), _plain(body))
+        await reconcile.ensure_children(_operator(memo), _ftj(body), _seen(kwargs))
 
 
 @kopf.on.resume(*FTJ)
-async def resumed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def resumed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     async with metrics.timed("resume"):
-        await reconcile.ensure_children(_operator(memo), _plain(body))
+        await reconcile.ensure_children(_operator(memo), _ftj(body), _seen(kwargs))
 
 
 @kopf.on.update(*FTJ, field="spec")
-async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def spec_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     async with metrics.timed("update"):
-        await reconcile.apply_spec_change(_operator(memo), _plain(body))
+        await reconcile.apply_spec_change(_operator(memo), _ftj(body), _seen(kwargs))
 
 
-@kopf.on.field(*FTJ, field="spec.suspend")
-async def suspend_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+# An update handler, not on.field: at creation the Job is created with the right suspend
+# already, and a second creation handler would cost Kopf a second handling cycle (and patch).
+@kopf.on.update(*FTJ, field="spec.suspend")
+async def suspend_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     async with metrics.timed("suspend"):
-        await reconcile.apply_suspend(_operator(memo), _plain(body))
+        await reconcile.apply_suspend(_operator(memo), _ftj(body), _seen(kwargs))
 
 
 @kopf.on.delete(*FTJ, optional=True)
-async def deleting(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def deleting(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     async with metrics.timed("delete"):
         meta = body.metadata
-        await reconcile.sync_status(_operator(memo), meta.namespace or "", meta.name or "")
+        await reconcile.sync_status(
+            _operator(memo),
+            meta.namespace or "",
+            meta.name or "",
+            ftj=_ftj(body),
+            seen=_seen(kwargs),
+        )
 
 
 @kopf.on.event(*FTJ)
-def ftj_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+async def ftj_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     metrics.TRACKER.observe(type, body)
+    op = memo.get("operator")
+    if type == "DELETED" and isinstance(op, reconcile.Operator):
+        op.forget(body.metadata.namespace or "", body.metadata.name or "")
+
+
+# ------------------------------------------------------------------------ Jobs and pods
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OURS)
-async def job_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _child_event("job", body, memo)
+async def job_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _child_event("job", body, memo, kwargs)
 
 
 @kopf.on.event("v1", "pods", labels=OURS)
-async def pod_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _child_event("pod", body, memo)
+async def pod_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _child_event("pod", body, memo, kwargs)
 
 
-async def _child_event(kind: str, body: kopf.Body, memo: kopf.Memo) -> None:
+async def _child_event(
+    kind: str, body: kopf.Body, memo: kopf.Memo, kwargs: Mapping[str, Any]
+) -> None:
     name = ftj_name_of(body)
     if name and body.metadata.namespace:
         async with metrics.timed(f"{kind}-event"):
-            await reconcile.sync_status(_operator(memo), body.metadata.namespace, name)
+            await reconcile.sync_status(
+                _operator(memo), body.metadata.namespace, name, seen=_seen(kwargs)
+            )

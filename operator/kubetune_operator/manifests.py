@@ -1,9 +1,9 @@
 """Pure builders: a FineTuneJob (as the API server returns it) + the operator's settings ->
 the manifests of its children. No I/O here; reconcile.py sends what these return.
 
-Children, created in this order so that everything the pod needs exists before the Job:
-ServiceAccount, Role, RoleBinding (the trainer's identity: it may patch only its own
-FineTuneJob's status), ConfigMap (the TrainerConfig), and the batch/v1 Job running the trainer.
+Children: ServiceAccount, Role, RoleBinding (the trainer's identity: it may patch only its own
+FineTuneJob's status), ConfigMap (the TrainerConfig), and the batch/v1 Job running the trainer,
+created in stages (creation_stages) so that everything the pod needs exists before the Job.
 Every child carries an owner reference to the FineTuneJob, so deleting the FineTuneJob deletes
 them all through the garbage collector.
 """
@@ -141,13 +141,16 @@ def effective_spec(spec: FineTuneSpec, settings: OperatorSettings) -> FineTuneSp
     )
 
 
-def target(ftj: Mapping[str, Any], settings: OperatorSettings) -> Target:
+def target(
+    ftj: Mapping[str, Any], settings: OperatorSettings, parsed: FineTuneSpec | None = None
+) -> Target:
+    """`parsed`: the FineTuneJob's spec if the caller has parsed it already."""
     meta = ftj["metadata"]
     return Target(
         name=meta["name"],
         namespace=meta["namespace"],
         uid=meta["uid"],
-        spec=effective_spec(parse_spec(ftj), settings),
+        spec=effective_spec(parsed if parsed is not None else parse_spec(ftj), settings),
     )
 
 
@@ -475,6 +478,16 @@ def job(t: Target, settings: OperatorSettings) -> Body:
 def children(t: Target, settings: OperatorSettings) -> list[Body]:
     """All children in creation order: what the pod needs first, the Job last."""
     return [service_account(t), role(t), role_binding(t), config_map(t), job(t, settings)]
+
+
+def creation_stages(t: Target, settings: OperatorSettings) -> list[list[Body]]:
+    """The children in stages; the creates within a stage are independent and may be sent at
+    once. The RoleBinding waits for its Role (without the `bind` verb the API server checks
+    that the operator holds every permission of the Role it binds, so the Role must exist),
+    and the Job waits for everything its pod needs: its ServiceAccount (else the pod is
+    rejected), ConfigMap and permissions."""
+    sa, role_, binding, config, job_ = children(t, settings)
+    return [[sa, role_, config], [binding], [job_]]
 
 
 # ------------------------------------------------------------------------- updates of a Job

@@ -31,16 +31,21 @@ from kubetune_trainer.api import FineTuneSpec
 Getter = Callable[[str], Awaitable[Mapping[str, Any] | None]]
 
 
-def spec_error(ftj: Mapping[str, Any]) -> str | None:
-    """None for a valid spec, else every problem as `field.path: message`, joined."""
+def checked_spec(ftj: Mapping[str, Any]) -> tuple[FineTuneSpec | None, str | None]:
+    """(the parsed spec, None) for a valid spec, else (None, every problem as
+    `field.path: message`, joined). One parse serves both the check and the builders."""
     try:
-        parse_spec(ftj)
+        return parse_spec(ftj), None
     except ValidationError as err:
-        return "; ".join(
+        return None, "; ".join(
             f"spec.{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
             for e in err.errors()
         )
-    return None
+
+
+def spec_error(ftj: Mapping[str, Any]) -> str | None:
+    """None for a valid spec, else every problem as `field.path: message`, joined."""
+    return checked_spec(ftj)[1]
 
 
 async def missing_claims(get: Getter, namespace: str, spec: FineTuneSpec) -> list[str]:

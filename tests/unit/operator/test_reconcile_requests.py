@@ -1,0 +1,290 @@
+"""What the operator sends to the API server for a FineTuneJob, and what it reads from memory.
+
+A FineTuneJob costs five creates (no GET before them), one status patch and its Events; Job and
+pod events are answered from Kopf's in-memory indices (reconcile.Observed) with no request at
+all; the operator's own status write is laid over the streamed FineTuneJob until the watch
+delivers it (observed.WrittenStatus), so a late event neither repeats the patch nor the Event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import kopf
+import pytest
+from ftj_objects import JOB_UID, NAMESPACE, UID, job, pod, running_pod, served
+
+from kubetune_operator import manifests, observed, reconcile
+from kubetune_operator.settings import OperatorSettings
+
+Obj = dict[str, Any]
+
+
+class FakeKube:
+    """Records every request; creates succeed (or 409 for names in `existing`)."""
+
+    def __init__(self, ftj: Obj, existing: Mapping[str, Obj] | None = None) -> None:
+        self.ftj = copy.deepcopy(ftj)
+        self.existing = dict(existing or {})
+        self.calls: list[tuple[str, str]] = []
+        self.version = 100
+
+    async def get(self, api_path: str) -> Obj | None:
+        self.calls.append(("GET", api_path))
+        if api_path.endswith(f"/finetunejobs/{self.ftj['metadata']['name']}"):
+            return copy.deepcopy(self.ftj)
+        return copy.deepcopy(self.existing.get(api_path.rsplit("/", 1)[-1]))
+
+    async def list(self, api_path: str, *, label_selector: str | None = None) -> list[Obj]:
+        self.calls.append(("LIST", api_path))
+        return []
+
+    async def create(self, body: Mapping[str, Any]) -> tuple[Obj, bool]:
+        name = body["metadata"]["name"]
+        self.calls.append(("POST", f"{body['kind']}/{name}"))
+        if name in self.existing:
+            self.calls.append(("GET", f"{body['kind']}/{name}"))
+            return copy.deepcopy(self.existing[name]), False
+        obj = copy.deepcopy(dict(body))
+        obj["metadata"]["uid"] = JOB_UID if body["kind"] == "Job" else f"uid-{name}"
+        return obj, True
+
+    async def merge_patch(self, api_path: str, patch: Mapping[str, Any]) -> Obj | None:
+        self.calls.append(("PATCH", api_path))
+        if api_path.endswith("/status"):
+            self.version += 1
+            self.ftj["status"] = {**(self.ftj.get("status") or {}), **patch["status"]}
+            self.ftj["metadata"]["resourceVersion"] = str(self.version)
+            return copy.deepcopy(self.ftj)
+        return {"metadata": {"name": api_path.rsplit("/", 1)[-1]}}
+
+
+@pytest.fixture
+def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The reasons of the Events the operator posts (Kopf's posting needs a running operator)."""
+    posted: list[str] = []
+
+    def record(_body: Any, *, reason: str, message: str = "", **_: Any) -> None:
+        posted.append(reason)
+
+    monkeypatch.setattr(kopf, "info", record)
+    monkeypatch.setattr(kopf, "warn", record)
+    yield posted
+
+
+def _operator(kube: FakeKube) -> reconcile.Operator:
+    return reconcile.Operator(settings=OperatorSettings(), kube=kube)  # type: ignore[arg-type]
+
+
+def _seen(
+    ftjs: list[Obj] | None = None, jobs: list[Obj] | None = None, pods: list[Obj] | None = None
+) -> reconcile.Observed:
+    def by_name(objs: list[Obj] | None, slim: Any) -> dict[tuple[str, str], list[Obj]]:
+        index: dict[tuple[str, str], list[Obj]] = {}
+        for obj in objs or []:
+            meta = obj["metadata"]
+            name = manifests.ftj_name_of(obj) or meta["name"]
+            index.setdefault((meta["namespace"], name), []).append(slim(obj))
+        return index
+
+    return reconcile.Observed(
+        ftjs=by_name(ftjs, observed.slim_ftj),
+        jobs=by_name(jobs, observed.slim_job),
+        pods=by_name(pods, observed.slim_pod),
+    )
+
+
+def _labelled(obj: Obj, ftj_name: str = "support-lora") -> Obj:
+    obj = copy.deepcopy(obj)
+    obj["metadata"].setdefault("annotations", {})[manifests.FTJ_LABEL] = ftj_name
+    return obj
+
+
+def test_creation_is_five_creates_one_status_patch_and_two_events(events: list[str]) -> None:
+    ftj = served(suspend=True)
+    kube = FakeKube(ftj)
+    op = _operator(kube)
+    asyncio.run(reconcile.ensure_children(op, ftj, _seen(ftjs=[ftj])))
+
+    methods = [method for method, _ in kube.calls]
+    assert methods.count("POST") == 5
+    assert methods.count("PATCH") == 1 and kube.calls[-1][1].endswith("/status")
+    assert "GET" not in methods and "LIST" not in methods
+    # Everything the pod needs exists before the Job; the RoleBinding after its Role.
+    created = [what for method, what in kube.calls if method == "POST"]
+    assert created[-1].startswith("Job/")
+    assert created.index("RoleBinding/support-lora-trainer") > created.index(
+        "Role/support-lora-trainer"
+    )
+    assert kube.ftj["status"]["phase"] == "Suspended"
+    assert kube.ftj["status"]["jobName"] == "support-lora-train"
+    assert events == ["JobCreated", "Suspended"]
+
+
+def test_job_events_cost_no_request_and_repeat_nothing(events: list[str]) -> None:
+    ftj = served(suspend=True)
+    kube = FakeKube(ftj)
+    op = _operator(kube)
+    stale = _seen(ftjs=[ftj])  # the watch has not delivered the status patch yet
+    asyncio.run(reconcile.ensure_children(op, ftj, stale))
+    kube.calls.clear()
+    events.clear()
+
+    the_job = _labelled(job(suspend=True, active=0))
+    seen = _seen(ftjs=[ftj], jobs=[the_job])
+    verdict = asyncio.run(reconcile.sync_status(op, NAMESPACE, "support-lora", seen=seen))
+    assert verdict is not None and verdict.phase == "Suspended"
+    assert kube.calls == [] and events == []
+
+    # Once the watch delivers the patched object, the overlay is dropped; still no request.
+    seen = _seen(ftjs=[kube.ftj], jobs=[the_job])
+    asyncio.run(reconcile.sync_status(op, NAMESPACE, "support-lora", seen=seen))
+    assert kube.calls == [] and events == [] and len(op.written) == 0
+
+
+def test_pods_come_from_the_index_filtered_by_the_jobs_uid(events: list[str]) -> None:
+    ftj = served(status={"phase": "Pending", "reason": "WaitingForPod", "jobName": "x"})
+    kube = FakeKube(ftj)
+    op = _operator(kube)
+    other = running_pod(name="someone-elses")
+    other["metadata"]["labels"] = {"batch.kubernetes.io/controller-uid": "another-job"}
+    seen = _seen(
+        ftjs=[ftj],
+        jobs=[_labelled(job())],
+        pods=[_labelled(running_pod()), _labelled(other)],
+    )
+    verdict = asyncio.run(reconcile.sync_status(op, NAMESPACE, "support-lora", seen=seen))
+    assert verdict is not None
+    assert (verdict.phase, verdict.reason) == ("Running", "TrainerRunning")
+    assert "support-lora-train-x7k2p" in verdict.message
+    assert [method for method, _ in kube.calls] == ["PATCH"]
+    assert events == ["TrainerRunning"]
+
+
+def test_a_finetunejob_missing_from_the_index_is_gone() -> None:
+    kube = FakeKube(served())
+    verdict = asyncio.run(
+        reconcile.sync_status(_operator(kube), NAMESPACE, "support-lora", seen=_seen())
+    )
+    assert verdict is None and kube.calls == []
+
+
+def test_without_indices_it_reads_from_the_api_server(events: list[str]) -> None:
+    kube = FakeKube(served(), existing={"support-lora-train": job()})
+    asyncio.run(reconcile.sync_status(_operator(kube), NAMESPACE, "support-lora"))
+    assert [method for method, _ in kube.calls] == ["GET", "GET", "LIST", "PATCH"]
+
+
+def test_restart_with_existing_children_creates_no_second_job(events: list[str]) -> None:
+    status = {"phase": "Suspended", "reason": "Suspended", "jobName": "support-lora-train"}
+    ftj = served(suspend=True, status=status)
+    t = manifests.target(ftj, OperatorSettings())
+    existing = {}
+    for child in manifests.children(t, OperatorSettings()):
+        obj = copy.deepcopy(child)
+        obj["metadata"]["uid"] = f"uid-{child['kind']}"
+        existing[child["metadata"]["name"]] = obj
+    kube = FakeKube(ftj, existing=existing)
+    the_job = _labelled(job(suspend=True, active=0))
+    asyncio.run(reconcile.ensure_children(_operator(kube), ftj, _seen(ftjs=[ftj], jobs=[the_job])))
+    posted = [what for method, what in kube.calls if method == "POST"]
+    assert not any(what.startswith("Job/") for what in posted)  # jobName set: never again
+    assert len(posted) == 4
+
+
+def test_children_in_creation_stages_are_all_children() -> None:
+    t = manifests.target(served(), OperatorSettings())
+    stages = manifests.creation_stages(t, OperatorSettings())
+    flat = [child for stage in stages for child in stage]
+    assert sorted(c["kind"] for c in flat) == sorted(
+        c["kind"] for c in manifests.children(t, OperatorSettings())
+    )
+    kinds = [[c["kind"] for c in stage] for stage in stages]
+    assert kinds == [["ServiceAccount", "Role", "ConfigMap"], ["RoleBinding"], ["Job"]]
+
+
+def test_forget_drops_what_is_kept_about_a_finetunejob() -> None:
+    op = _operator(FakeKube(served()))
+    op.lock(NAMESPACE, "a")
+    op.written.remember({"metadata": {"namespace": NAMESPACE, "name": "a", "uid": UID}}, 0.0)
+    op.forget(NAMESPACE, "a")
+    assert op._locks == {} and len(op.written) == 0
+
+
+# ----------------------------------------------------------------------------- observed.py
+
+
+def test_slim_copies_keep_what_status_reads() -> None:
+    full = _labelled(job(suspend=True))
+    full["spec"]["template"] = {"spec": {"containers": [{"name": "trainer"}]}}
+    full["metadata"]["managedFields"] = [{"manager": "kube-controller-manager"}]
+    slim = observed.slim_job(full)
+    assert slim["spec"] == {"suspend": True}
+    assert "managedFields" not in slim["metadata"]
+    assert slim["status"] == full["status"]
+    assert observed.owned_by(slim, UID)
+
+    ftj = served(status={"phase": "Running"})
+    ftj["metadata"]["annotations"] = {"kubetune.dev/last-handled-configuration": "{}"}
+    slim_ftj = observed.slim_ftj(ftj)
+    assert "annotations" not in slim_ftj["metadata"]
+    assert slim_ftj["spec"] == ftj["spec"] and slim_ftj["status"] == {"phase": "Running"}
+
+    the_pod = pod()
+    assert observed.slim_pod(the_pod)["status"] == the_pod["status"]
+    assert observed.job_pods([observed.slim_pod(the_pod)], JOB_UID) == [observed.slim_pod(the_pod)]
+    assert observed.job_pods([the_pod], "another-job") == []
+
+
+def _response(rv: str, **status: Any) -> Obj:
+    return {
+        "metadata": {"namespace": NAMESPACE, "name": "a", "uid": UID, "resourceVersion": rv},
+        "status": {"stage": "Training", **status},
+    }
+
+
+def _streamed(rv: str, **status: Any) -> Obj:
+    return {
+        "metadata": {"namespace": NAMESPACE, "name": "a", "uid": UID, "resourceVersion": rv},
+        "status": status,
+    }
+
+
+def test_written_status_is_laid_over_an_older_streamed_object() -> None:
+    written = observed.WrittenStatus()
+    written.remember(_response("7", phase="Running", reason="TrainerRunning"), now=100.0)
+    older = _streamed("6", phase="Pending", reason="PodStarting", progress={"step": 1})
+    latest = written.latest(older, now=101.0)
+    # Owned fields from the write, the trainer's fields as streamed (never the response's).
+    assert latest["status"] == {
+        "phase": "Running",
+        "reason": "TrainerRunning",
+        "progress": {"step": 1},
+    }
+    assert len(written) == 1
+
+
+@pytest.mark.parametrize(
+    ("streamed", "now"),
+    [
+        (_streamed("7", phase="Pending"), 101.0),  # the written version itself
+        (_streamed("9", phase="Running", reason="TrainerRunning"), 101.0),  # same owned fields
+        (_streamed("6", phase="Pending"), 161.0),  # a minute later: surely caught up
+    ],
+)
+def test_written_status_is_dropped_once_the_stream_caught_up(streamed: Obj, now: float) -> None:
+    written = observed.WrittenStatus()
+    written.remember(_response("7", phase="Running", reason="TrainerRunning"), now=100.0)
+    assert written.latest(streamed, now=now) is streamed
+    assert len(written) == 0
+
+
+def test_written_status_of_an_earlier_finetunejob_of_the_same_name_is_ignored() -> None:
+    written = observed.WrittenStatus()
+    written.remember(_response("7", phase="Failed"), now=100.0)
+    recreated = _streamed("8")
+    recreated["metadata"]["uid"] = "a-new-uid"
+    assert written.latest(recreated, now=100.5) is recreated
