@@ -16,6 +16,7 @@ help:
 	@echo "make test          lint, type-check and run the whole test suite"
 	@echo "make cluster-up    start the local control plane, process node and S3 server"
 	@echo "make cluster-down  stop them and forget their state"
+	@echo "make bench         CPU benchmarks (start-up, S3, operator scale, trainer) -> docs/benchmarks/"
 	@echo "make crds          regenerate crds/kubetune.dev_finetunejobs.yaml from the pydantic models"
 
 $(VENV)/.installed: pyproject.toml
@@ -57,3 +58,13 @@ test: lint cluster-up
 # The quickstart end to end: S3 assets, chart, examples/quickstart.yaml, live progress, results.
 demo: cluster-up
 	$(PY) examples/quickstart/demo.py
+
+# The CPU benchmarks, each side by side with its baseline; results (JSON + PNG) go to
+# docs/benchmarks/ and are explained in docs/benchmarks.md. About 20 minutes on a busy 2-core VM,
+# most of it the classic recipe's training. The GPU benchmark (benchmarks/gpu_throughput.py) runs
+# on a GPU machine.
+bench: cluster-up
+	$(PY) benchmarks/startup.py
+	$(PY) benchmarks/s3_pull.py --reps 2
+	$(PY) benchmarks/operator_scale.py
+	$(PY) benchmarks/trainer_throughput.py --recipe-shape 8x2 --recipe-full-logits
