@@ -27,6 +27,7 @@ import kopf
 
 from kubetune_operator import metrics, observed, reconcile
 from kubetune_operator.kube import Kube
+from kubetune_operator.kube import login as kube_login
 from kubetune_operator.manifests import ftj_name_of
 from kubetune_operator.settings import (
     MANAGED_BY,
@@ -60,13 +61,19 @@ def identity() -> str:
     return os.environ.get("POD_ID") or os.environ.get("HOSTNAME") or socket.gethostname()
 
 
+@kopf.on.login()
+def log_in(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> kopf.ConnectionInfo:
+    """Kopf's credentials and the operator's own client's come from one place (kube.login)."""
+    return kube_login(settings, logger)
+
+
 @kopf.on.startup()
-async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     ours = memo.get("settings")
     if not isinstance(ours, OperatorSettings):
         ours = load_settings()
     configure_kopf(settings, ours, identity())
-    kube = await Kube.connect()
+    kube = await Kube.connect(settings, logger)
     await reconcile.check_crd(kube)
     if ours.peering_name:
         await reconcile.ensure_peering(kube, ours)

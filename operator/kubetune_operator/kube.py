@@ -1,13 +1,16 @@
 """A thin async Kubernetes client: raw JSON objects by API path, errors mapped to Kopf's.
 
-Built on kubernetes_asyncio's ApiClient (authentication, TLS, token refresh) but without its
-generated models: the builders in manifests.py produce plain dicts, and status.py reads plain
-dicts, so objects go over the wire as they are.
+aiohttp (which Kopf already uses) with the credentials of `login`, which is also the operator's
+Kopf login handler: one source of credentials for Kopf's watches and for these requests. No
+client library: the builders in manifests.py produce plain dicts and status.py reads plain dicts,
+and a generated client's models would cost the operator ~40 MB of memory for nothing (Kopf
+imports kubernetes_asyncio's whole model package when it is installed).
 
 Error policy, so that handlers stay free of try/except:
 - 404 on reads and patches is an answer (None), not an error;
 - 409 on create means "already exists": the existing object is returned instead (create_or_get),
   which makes every create idempotent when a handler re-runs;
+- 401 logs in again (a rotated ServiceAccount token) and retries once;
 - 429, 5xx and connection problems raise kopf.TemporaryError with a delay (Retry-After when the
   server sends one), so Kopf retries the handler later instead of hammering the API server;
 - 403 also becomes a TemporaryError, with a long delay and a message naming the missing
@@ -18,45 +21,62 @@ Error policy, so that handlers stay free of try/except:
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import kopf
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
 
 Body = dict[str, Any]
 
 MERGE_PATCH = "application/merge-patch+json"
-SA_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _RETRYABLE = frozenset({429, 500, 502, 503, 504})
 _DEFAULT_DELAY = 5.0
 _FORBIDDEN_DELAY = 60.0
-# Connections to the API server kept open and used at once. kubernetes_asyncio's default, 100,
-# makes a burst of creates open (and TLS-handshake, on both sides) up to 100 connections.
+_TIMEOUT = aiohttp.ClientTimeout(total=60)
+# Connections to the API server kept open and used at once: a burst of creates then reuses
+# them instead of opening (and TLS-handshaking, on both sides) one per request.
 POOL_SIZE = 16
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
 
 
-def _ignore_environment(api: client.ApiClient) -> None:
-    """Stop aiohttp from consulting proxy variables and ~/.netrc on every request.
-
-    kubernetes_asyncio creates its session with trust_env=True: aiohttp then looks up the
-    proxy environment and parses ~/.netrc per request, in a worker thread (a thread hand-off per
-    request, a tenth of the operator's CPU under load). Called only when no proxy variable is
-    set, so it changes nothing else; a kubeconfig `proxy-url` still applies (passed per request).
-    """
-    rest = api.rest_client
-    old: aiohttp.ClientSession = rest.pool_manager
-    connector = old.connector
-    old.detach()  # hand the connector over without closing it
-    rest.pool_manager = aiohttp.ClientSession(
-        connector=connector, trust_env=False, read_bufsize=2**21
+def in_cluster(sa_dir: Path = SA_DIR) -> kopf.ConnectionInfo | None:
+    """The pod's ServiceAccount, at the address Kubernetes puts in every pod's environment
+    (KUBERNETES_SERVICE_HOST/PORT, as client libraries do; no cluster DNS needed)."""
+    host, port = (
+        os.environ.get("KUBERNETES_SERVICE_HOST"),
+        os.environ.get("KUBERNETES_SERVICE_PORT"),
     )
+    token = sa_dir / "token"
+    if not (host and port and token.exists()):
+        return None
+    ca, namespace = sa_dir / "ca.crt", sa_dir / "namespace"
+    return kopf.ConnectionInfo(
+        server=f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}",
+        ca_path=str(ca) if ca.exists() else None,
+        token=token.read_text(encoding="utf-8").strip() or None,
+        default_namespace=namespace.read_text(encoding="utf-8").strip()
+        if namespace.exists()
+        else None,
+    )
+
+
+def login(settings: kopf.OperatorSettings, logger: logging.Logger | Any) -> kopf.ConnectionInfo:
+    """In a pod: its ServiceAccount token; elsewhere: $KUBECONFIG or ~/.kube/config (tokens,
+    client certificates, basic auth; not exec plugins). Read again on every call, so a rotated
+    token is picked up."""
+    info = in_cluster() or kopf.login_with_kubeconfig(settings=settings, logger=logger)
+    if info is None:
+        raise kopf.LoginError(
+            "no Kubernetes credentials: not in a pod with a ServiceAccount token, and no "
+            "$KUBECONFIG or ~/.kube/config"
+        )
+    return info
 
 
 def path(
@@ -99,17 +119,16 @@ def object_path(body: Mapping[str, Any], *, collection: bool = False) -> str:
     return path(body["apiVersion"], plural, meta.get("namespace"), name)
 
 
-def describe(err: ApiException) -> str:
+def describe(status: int, reason: str | None, text: str) -> str:
     """The API server's own message from an error response, else the HTTP reason."""
     try:
-        message = json.loads(err.body or "{}").get("message")
+        message = json.loads(text or "{}").get("message")
     except (ValueError, AttributeError):
         message = None
-    return str(message or err.reason or err.status)
+    return str(message or reason or status)
 
 
-def _retry_after(err: ApiException) -> float | None:
-    headers: Mapping[str, str] = err.headers or {}
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("Retry-After")
     try:
         return float(value) if value is not None else None
@@ -120,28 +139,29 @@ def _retry_after(err: ApiException) -> float | None:
 class Kube:
     """Raw-JSON requests against the API server."""
 
-    def __init__(self, api: client.ApiClient) -> None:
-        self.api = api
+    def __init__(self, relogin: Callable[[], kopf.ConnectionInfo]) -> None:
+        self._relogin = relogin
+        info = relogin()
+        self._server = info.server.rstrip("/")
+        self._proxy = info.proxy_url
+        self._authorize(info)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=POOL_SIZE, ssl=info.as_ssl_context()),
+            # Without proxy variables, skip aiohttp's per-request proxy and ~/.netrc lookups.
+            trust_env=any(os.environ.get(name) for name in _PROXY_VARIABLES),
+            timeout=_TIMEOUT,
+        )
 
     @classmethod
-    async def connect(cls) -> Kube:
-        """In a pod: its ServiceAccount token; elsewhere: $KUBECONFIG or ~/.kube/config."""
-        configuration = client.Configuration()
-        if os.environ.get("KUBERNETES_SERVICE_HOST") and SA_TOKEN.exists():
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        else:
-            kubeconfig = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or None
-            await config.load_kube_config(
-                config_file=kubeconfig, client_configuration=configuration
-            )
-        configuration.connection_pool_maxsize = POOL_SIZE
-        api = client.ApiClient(configuration=configuration)
-        if not any(os.environ.get(name) for name in _PROXY_VARIABLES):
-            _ignore_environment(api)
-        return cls(api)
+    async def connect(cls, settings: kopf.OperatorSettings, logger: Any) -> Kube:
+        """With the credentials of `login` (the same as Kopf's)."""
+        return cls(lambda: login(settings, logger))
+
+    def _authorize(self, info: kopf.ConnectionInfo) -> None:
+        self._headers = {"Accept": "application/json", **info.as_http_headers()}
 
     async def close(self) -> None:
-        await self.api.close()
+        await self._session.close()
 
     async def request(
         self,
@@ -153,25 +173,29 @@ class Kube:
         content_type: str = "application/json",
     ) -> Body:
         """One request; the decoded response. Errors map as the module docstring says."""
-        try:
-            data, _status, _headers = await self.api.call_api(
-                api_path,
-                method,
-                query_params=list((query or {}).items()),
-                header_params={"Accept": "application/json", "Content-Type": content_type},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=True,
-                _request_timeout=60,
-                response_types_map={200: "object", 201: "object", 202: "object"},
-            )
-        except ApiException as err:
-            raise _translate(method, api_path, err) from err
-        except (TimeoutError, aiohttp.ClientError, OSError) as err:
-            raise kopf.TemporaryError(
-                f"{method} {api_path}: API server unreachable: {err!r}", delay=_DEFAULT_DELAY
-            ) from err
-        return dict(data or {})
+        for attempt in (1, 2):
+            try:
+                async with self._session.request(
+                    method,
+                    self._server + api_path,
+                    params=dict(query or {}),
+                    data=None if body is None else json.dumps(body),
+                    headers={**self._headers, "Content-Type": content_type},
+                    proxy=self._proxy,
+                ) as response:
+                    text = await response.text()
+                    status, reason, headers = response.status, response.reason, response.headers
+            except (TimeoutError, aiohttp.ClientError, OSError) as err:
+                raise kopf.TemporaryError(
+                    f"{method} {api_path}: API server unreachable: {err!r}", delay=_DEFAULT_DELAY
+                ) from err
+            if status == 401 and attempt == 1:
+                self._authorize(self._relogin())  # e.g. a rotated ServiceAccount token
+                continue
+            if status >= 400:
+                raise _translate(method, api_path, status, text, reason=reason, headers=headers)
+            return dict(json.loads(text)) if text else {}
+        raise AssertionError("unreachable")
 
     async def get(self, api_path: str) -> Body | None:
         try:
@@ -224,19 +248,27 @@ class ApiError(kopf.PermanentError):
         self.status = status
 
 
-def _translate(method: str, api_path: str, err: ApiException) -> Exception:
-    what = f"{method} {api_path}: {describe(err)}"
-    if err.status == 404:
+def _translate(
+    method: str,
+    api_path: str,
+    status: int,
+    text: str,
+    *,
+    reason: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Exception:
+    what = f"{method} {api_path}: {describe(status, reason, text)}"
+    if status == 404:
         return _NotFound(what)
-    if err.status == 409 and method == "POST":
+    if status == 409 and method == "POST":
         return _Conflict(what)
-    if err.status in _RETRYABLE:
-        return kopf.TemporaryError(what, delay=_retry_after(err) or _DEFAULT_DELAY)
-    if err.status == 403:
+    if status in _RETRYABLE:
+        return kopf.TemporaryError(what, delay=_retry_after(headers or {}) or _DEFAULT_DELAY)
+    if status == 403:
         return kopf.TemporaryError(
             f"{what} (the operator's RBAC lacks this permission: see the chart's ClusterRole)",
             delay=_FORBIDDEN_DELAY,
         )
-    if err.status == 409:  # a conflicting update: retry with fresh data
+    if status == 409:  # a conflicting update: retry with fresh data
         return kopf.TemporaryError(what, delay=1)
-    return ApiError(what, err.status)
+    return ApiError(what, status)

@@ -10,7 +10,6 @@ from typing import Any
 import kopf
 import pytest
 from ftj_objects import served
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from kubetune_operator import kube, manifests, validation
 
@@ -30,11 +29,12 @@ def test_paths() -> None:
     assert kube.object_path(job, collection=True) == "/apis/batch/v1/namespaces/n/jobs"
 
 
-def _error(status: int, message: str = "nope", retry_after: str | None = None) -> ApiException:
-    err = ApiException(status=status, reason="Reason")
-    err.body = json.dumps({"kind": "Status", "message": message})
-    err.headers = {"Retry-After": retry_after} if retry_after else {}
-    return err
+def _error(
+    status: int, method: str = "GET", message: str = "nope", retry_after: str | None = None
+) -> Exception:
+    body = json.dumps({"kind": "Status", "message": message})
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    return kube._translate(method, "/x", status, body, reason="Reason", headers=headers)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def _error(status: int, message: str = "nope", retry_after: str | None = None) -
 def test_errors_steer_retries(
     status: int, method: str, expected: type[Exception], delay: float | None
 ) -> None:
-    err = kube._translate(method, "/x", _error(status, "the reason", retry_after="7"))
+    err = _error(status, method, "the reason", retry_after="7")
     assert isinstance(err, expected)
     assert "the reason" in str(err)
     if delay is not None:
@@ -60,8 +60,9 @@ def test_errors_steer_retries(
 
 
 def test_not_found_and_conflict_are_answers_not_errors() -> None:
-    assert isinstance(kube._translate("GET", "/x", _error(404)), kube._NotFound)
-    assert isinstance(kube._translate("POST", "/x", _error(409)), kube._Conflict)
+    assert isinstance(_error(404), kube._NotFound)
+    assert isinstance(_error(409, "POST"), kube._Conflict)
+    assert "Reason" in str(kube._translate("GET", "/x", 500, "<html>", reason="Reason"))
 
 
 def test_valid_spec_has_no_error() -> None:
