@@ -211,7 +211,7 @@ def test_lora_chat_reports_status_into_its_finetunejob_and_publishes_loadable_ou
 
     # Status: every trainer-owned field arrived, through the narrow Role.
     status = cluster.get("finetunejob", "chat", namespace)["status"]
-    assert status["stage"] == "Publishing"
+    assert status["stage"] == "Completed"
     progress = status["progress"]
     assert progress["step"] == progress["totalSteps"] == metrics["total_steps"]
     assert progress["percent"] == 100

@@ -39,7 +39,9 @@ EvalMetric = Literal["loss", "perplexity", "rougeL", "bleu"]
 TolerationOperator = Literal["Exists", "Equal"]
 TaintEffect = Literal["NoSchedule", "PreferNoSchedule", "NoExecute"]
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled", "Suspended"]
-Stage = Literal["Fetching", "Preparing", "Loading", "Training", "Evaluating", "Publishing"]
+Stage = Literal[
+    "Fetching", "Preparing", "Loading", "Training", "Evaluating", "Publishing", "Completed"
+]
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -984,8 +986,8 @@ class FineTuneStatus(_StatusModel):
     stage: Stage | None = Field(
         default=None,
         description=(
-            "What a Running job is doing: Fetching inputs, Preparing data, Loading the model, "
-            "Training, Evaluating or Publishing outputs."
+            "What the trainer is doing: Fetching inputs, Preparing data, Loading the model, "
+            "Training, Evaluating, Publishing outputs; Completed once the outputs are published."
         ),
     )
     conditions: list[Condition] = Field(

@@ -917,6 +917,7 @@ class FineTuneRecipe:
         )
         history = self.state.loss_history
         self.reporter.report(
+            stage="Completed",
             output=status,
             progress=ProgressSnapshot(
                 step=self.state.step,
