@@ -41,8 +41,15 @@ class Api:
         self.session.mount("https://", adapter)
 
     def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """One request; 429 and 503 (e.g. "storage is (re)initializing" right after a CRD
+        changed) are retried for up to a minute, honouring Retry-After."""
         kwargs.setdefault("timeout", 60)
-        return self.session.request(method, self.server + path, **kwargs)
+        deadline = time.monotonic() + 60
+        while True:
+            response = self.session.request(method, self.server + path, **kwargs)
+            if response.status_code not in (429, 503) or time.monotonic() > deadline:
+                return response
+            time.sleep(float(response.headers.get("Retry-After") or 1))
 
     def json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = self.call(method, path, **kwargs)
