@@ -96,6 +96,11 @@ class Observed:
         return observed.job_pods(self.pods.get((namespace, name)) or (), job_uid)
 
 
+def _job_failed(job: Body) -> bool:
+    conditions = (job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Failed" and c.get("status") == "True" for c in conditions)
+
+
 def ftj_path(namespace: str, name: str, subresource: str | None = None) -> str:
     return path(API_VERSION, PLURAL, namespace, name, subresource)
 
@@ -305,9 +310,13 @@ async def sync_status(
         pods: Sequence[Body] = ()
         if job is not None:
             job_uid = job["metadata"]["uid"]
-            if seen is not None:
+            if seen is not None and not _job_failed(job):
                 pods = seen.job_pods(namespace, name, job_uid)
             else:
+                # A failed Job's verdict is final and its reason comes from the last pod's exit
+                # (OOMKilled, the trainer's exit code): the pod watch may not have delivered that
+                # pod's last state yet when the Job's event comes, so read the pods fresh (one
+                # LIST per failed job).
                 selector = f"batch.kubernetes.io/controller-uid={job_uid}"
                 pods = await op.kube.list(path("v1", "pods", namespace), label_selector=selector)
         verdict, patch = status.status_patch(
