@@ -45,7 +45,7 @@ from kubetune_trainer.storage import (
     write_manifest,
 )
 
-KEY_ID = "AKIAEXAMPLEKEYID0001"
+KEY_ID = "test-access-key-id-0001"  # redaction is by value, any string works
 SECRET = "s3cr3t/EXAMPLE+key/abcdefghijklmnop"
 FAKE_ENV = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
