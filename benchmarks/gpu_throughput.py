@@ -27,10 +27,11 @@ dropout 0.05 on q,k,v,o_proj, learning rate 2e-4:
 Reported per variant: useful (non-padding) tokens/s over the timed steps (after --warmup steps),
 MFU = useful tokens/s x 4 x parameters / 989 TFLOP/s (H100 SXM dense bf16; frozen base:
 forward 2N + input-gradient 2N per token), the same counting padding, and peak GPU memory
-(torch.cuda.max_memory_allocated, weights included). kubetune_lora also checks that packing
-keeps sequences apart: two examples packed in one row against each alone (max |logit diff|),
-next to the same comparison without the mask. Targets (issue): LoRA >= 10x classic useful
-tokens/s and >= 55% MFU; QLoRA peak <= 6 GiB at >= 1.5x classic_qlora_gc.
+(torch.cuda.max_memory_allocated, weights included), beside the trainer's own estimate for the
+shape (estimate.py, which it checks a GPU against before training). kubetune_lora also checks
+that packing keeps sequences apart: two examples packed in one row against each alone
+(max |logit diff|), next to the same comparison without the mask. Targets (issue): LoRA >= 10x
+classic useful tokens/s and >= 55% MFU; QLoRA peak <= 6 GiB at >= 1.5x classic_qlora_gc.
 
 QLoRA needs bitsandbytes; an image without it reports those variants as skipped (install the
 wheel, e.g. `pip install --no-index bitsandbytes-0.50.2-*.whl`, then rerun them).
@@ -55,7 +56,6 @@ import benchlib
 
 PEAK_TFLOPS = 989.0  # H100 SXM, dense bf16
 ROW_TOKENS = 512
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 LLAMA_7B: dict[str, Any] = {
     "hidden_size": 4096,
     "intermediate_size": 11008,
@@ -213,7 +213,7 @@ def worker_classic(args: argparse.Namespace, variant: str, model_dir: Path) -> d
     """The classic recipe: HF Trainer on padded rows; QLoRA the way the guides do it."""
     import torch
     import trainer_throughput as tt
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -250,17 +250,7 @@ def worker_classic(args: argparse.Namespace, variant: str, model_dir: Path) -> d
     if method == "qlora":
         prepare: Any = prepare_model_for_kbit_training  # untyped
         model = prepare(model, use_gradient_checkpointing=True)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.05,
-            target_modules=LORA_TARGETS,
-            bias="none",
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = tt.classic_lora_model(model)
     texts = [tt.classic_text(r, tokenizer.eos_token) for r in _records(args.work)]
     encoded = tokenizer(texts, padding="max_length", max_length=ROW_TOKENS, truncation=True)
     dataset = [
@@ -360,7 +350,9 @@ def _isolation_check(model: Any, examples: list[Any], pad_id: int, mask_dtype: A
 def worker_kubetune(args: argparse.Namespace, variant: str, model_dir: Path) -> dict[str, Any]:
     """kubetune's trainer path (what FineTuneRecipe runs per step), without object storage."""
     import torch
+    import trainer_throughput as tt
 
+    from kubetune_trainer import estimate
     from kubetune_trainer.api import FineTuneSpec
     from kubetune_trainer.data import collate_packed, tokenize_records
     from kubetune_trainer.modeling import (
@@ -369,6 +361,7 @@ def worker_kubetune(args: argparse.Namespace, variant: str, model_dir: Path) -> 
         load_base_model,
         load_tokenizer,
         prepare_for_training,
+        read_model_config,
     )
     from kubetune_trainer.plan import TrainingPlan, build_scheduler
     from kubetune_trainer.recipe import seed_everything, train_step
@@ -380,7 +373,7 @@ def worker_kubetune(args: argparse.Namespace, variant: str, model_dir: Path) -> 
             "baseModel": {"uri": "s3://bench/model"},
             "dataset": {"trainUri": "s3://bench/data", "maxSeqLength": ROW_TOKENS},
             "method": method,
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": LORA_TARGETS},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": tt.LORA_TARGETS},
             "hyperparameters": {
                 "learningRate": 2e-4,
                 "batchSize": rows,
@@ -470,6 +463,20 @@ def worker_kubetune(args: argparse.Namespace, variant: str, model_dir: Path) -> 
         "loss_last": losses[-1],
         "precision": str(precision.compute_dtype or torch.float32).removeprefix("torch."),
         **_peak(),
+        # The trainer's own memory estimate for this shape (what it checks a GPU against
+        # before training), to compare with the measured peak.
+        "estimate_gib": round(
+            estimate.estimate_memory(
+                estimate.ModelShape.from_config(read_model_config(model_dir)),
+                method=spec.method,
+                batch_size=rows,
+                seq_length=ROW_TOKENS,
+                gradient_checkpointing=checkpointing,
+                target_modules=tt.LORA_TARGETS,
+            ).per_gpu
+            / 2**30,
+            2,
+        ),
     }
     if variant == "kubetune_lora":
         result["isolation_check"] = _isolation_check(model, examples, pad_id, mask_dtype)

@@ -320,7 +320,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def _lora(model: Any) -> Any:
+def classic_lora_model(model: Any) -> Any:
+    """The classic recipe's adapter: LoRA r16 alpha32 dropout 0.05 on q,k,v,o_proj."""
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
     config = LoraConfig(
@@ -356,7 +357,7 @@ def worker_classic(args: argparse.Namespace, gate: Gate) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     tokenizer, model = _load(args.work)
-    model = _lora(model)
+    model = classic_lora_model(model)
     load_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -430,7 +431,7 @@ def worker_pipeline(args: argparse.Namespace, gate: Gate) -> dict[str, Any]:
     import_s = _import_stack()
     t0 = time.perf_counter()
     tokenizer, model = _load(args.work)
-    model = _lora(model)
+    model = classic_lora_model(model)
     model.train()
     load_s = time.perf_counter() - t0
 

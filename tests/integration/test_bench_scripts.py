@@ -124,6 +124,7 @@ def test_gpu_throughput_tiny_on_cpu(tmp_path: Path) -> None:
         assert "error" not in row, row.get("error")
         for key in ("useful_tokens_per_s", "mfu_useful", "timed_s"):
             assert positive(row[key]), (name, key, row)
+    assert positive(doc["results"]["kubetune_lora"]["estimate_gib"])
     isolation = doc["results"]["kubetune_lora"]["isolation_check"]
     assert isolation["max_abs_logit_diff_masked"] < 1e-4 < isolation["max_abs_logit_diff_naive"]
     if doc["device"]["gpu"] is None:

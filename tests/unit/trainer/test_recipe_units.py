@@ -10,8 +10,6 @@ import math
 import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +59,6 @@ from kubetune_trainer.modeling import (
 from kubetune_trainer.plan import TrainingPlan, build_scheduler, lr_multiplier, warmup_steps
 from kubetune_trainer.storage import StorageError
 
-ROOT = Path(__file__).resolve().parents[3]
 CPU = Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False)
 
 
@@ -412,15 +409,3 @@ def test_dataset_errors_point_at_file_and_line(tmp_path: Path) -> None:
     code, message = classify(info.value)
     assert code == exitcodes.DATA_ERROR
     assert "train.jsonl line 2: prompt must be a string" in one_line(message)
-
-
-def test_gpu_smoke_benchmark_help_works_without_a_gpu() -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/gpu_smoke.py"), "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "--methods" in result.stdout and "qlora" in result.stdout
