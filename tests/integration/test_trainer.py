@@ -19,8 +19,8 @@ import httpx
 import pytest
 import torch
 from peft import PeftModel
-from trainer_support import S3, TrainerRun, jsonl, records, trainer_config
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from trainer_support import S3, TrainerRun, build_tokenizer, jsonl, records, trainer_config
+from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM
 
 from kubetune_trainer import exitcodes
 from kubetune_trainer.data import load_records, tokenize_records
@@ -201,6 +201,8 @@ def test_lora_chat_reports_status_into_its_finetunejob_and_publishes_loadable_ou
     assert not run.log_lines("status patch"), run.log_lines("status patch")
     metrics = metrics_of(s3, "out/chat")
     assert_learned(metrics)
+    # A Llama takes packed rows and logits at trained positions only.
+    assert metrics["packing"] is True and metrics["trained_logits_only"] is True
     report = json.loads(s3.get("out/chat/eval_report.json"))
     assert len(report["samples"]) == 2 and report["samples"][0]["reference"]
     assert report["prompts"][0]["prompt"] == "count: two three"
@@ -377,6 +379,52 @@ def test_text_format_trains_and_evaluates_loss_only(
     assert metrics["eval"]["fine_tuned"]["rouge_l"] is None
     assert metrics["eval"]["fine_tuned"]["loss"] < metrics["eval"]["base"]["loss"]
     download_verified(s3, "out/text", tmp_path / "published")
+
+
+# ------------------------------------------------------------- an architecture without packing
+
+
+def test_bloom_trains_with_eager_attention_one_example_per_row(
+    s3: S3,
+    datasets: dict[str, tuple[str, str]],
+    run_trainer: Any,
+    tmp_path: Path,
+) -> None:
+    """BLOOM has no SDPA attention and builds ALiBi from a 2D mask, so it cannot take packed
+    rows: the trainer notices (a probe, not a list of architectures) and trains unpacked."""
+    tokenizer = build_tokenizer()
+    config = BloomConfig(
+        hidden_size=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(1234)
+    local = tmp_path / "tiny-bloom"
+    BloomForCausalLM(config).save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    train, validation = datasets["chat"]
+    run = run_trainer(
+        trainer_config(
+            base_model_uri=s3.upload_dir(local, "models/tiny-bloom"),
+            train_uri=train,
+            validation_uri=validation,
+            output_uri=s3.uri("out/bloom"),
+            work_dir=tmp_path / "work",
+            **LEARNING,
+        )
+    )
+
+    assert_succeeded(run)
+    assert run.log_lines("no SDPA attention; using eager attention")
+    assert run.log_lines("does not keep packed sequences apart")
+    assert run.log_lines("micro-batches of up to 2 examples")  # re-planned, padded batches
+    metrics = metrics_of(s3, "out/bloom")
+    assert metrics["packing"] is False
+    assert_learned(metrics)
 
 
 # ---------------------------------------------------------------------------------- resume

@@ -443,7 +443,8 @@ class Hyperparameters(_SpecModel):
         description=(
             "Pack several short sequences into each batch row without padding (default true). "
             "Attention stays within each sequence, so results match unpacked training while "
-            "wasting no compute on padding. Disable only to debug."
+            "wasting no compute on padding. A model that cannot keep packed sequences apart "
+            "(checked when it loads) trains unpacked, with a warning. Disable only to debug."
         ),
     )
     gradient_checkpointing: GradientCheckpointing = Field(

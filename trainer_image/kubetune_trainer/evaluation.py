@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
-from kubetune_trainer.data.packing import batch_rows, collate_packed, pack_rows
+from kubetune_trainer.data.packing import batch_rows, collate_packed, collate_padded, pack_rows
 from kubetune_trainer.data.records import Record, RecordFormat
 from kubetune_trainer.data.templates import (
     CHATML_END,
@@ -65,19 +65,32 @@ def validation_loss(
     precision: Precision,
     mask_dtype: torch.dtype = torch.bool,
     trained_logits_only: bool = False,
+    packing: bool = True,
 ) -> tuple[float, int]:
     """(mean loss per trained token, trained tokens) over `examples`, packed like training
-    (and with the same loss computation: modeling.causal_lm_loss)."""
+    or one example per row (packing=False), with the same loss computation as training
+    (modeling.causal_lm_loss)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=precision.device)
     tokens = 0
-    rows = pack_rows([len(e) for e in examples], max_seq_length, seed=0)
+    lengths = [len(e) for e in examples]
+    rows = (
+        pack_rows(lengths, max_seq_length, seed=0)
+        if packing
+        else [[i] for i in range(len(lengths))]
+    )
     try:
         for group in batch_rows(rows, rows_per_batch):
-            batch = collate_packed(
-                [[examples[i] for i in row] for row in group], pad_token_id, mask_dtype=mask_dtype
-            ).to(precision.device)
+            if packing:
+                batch = collate_packed(
+                    [[examples[i] for i in row] for row in group],
+                    pad_token_id,
+                    mask_dtype=mask_dtype,
+                )
+            else:
+                batch = collate_padded([examples[row[0]] for row in group], pad_token_id)
+            batch = batch.to(precision.device)
             with precision.autocast():
                 # A divisor of 1: the summed token loss.
                 loss = causal_lm_loss(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from kubetune_trainer.api import FineTuneSpec
-from kubetune_trainer.data.tokenize import IGNORE_INDEX
+from kubetune_trainer.data.tokenize import IGNORE_INDEX, Example
 from kubetune_trainer.errors import ConfigError, ModelError
 
 if TYPE_CHECKING:
@@ -137,7 +138,10 @@ def load_base_model(model_dir: Path, spec: FineTuneSpec, precision: Precision) -
                 str(model_dir), attn_implementation="sdpa", **kwargs
             )
         except ValueError as exc:
-            if "sdpa" not in str(exc).lower():
+            # transformers names SDPA either way ("sdpa" in the argument check, the function's
+            # name in "does not support an attention implementation through ...").
+            message = str(exc).lower()
+            if "sdpa" not in message and "scaled_dot_product_attention" not in message:
                 raise
             log.warning("this architecture has no SDPA attention; using eager attention")
             model = AutoModelForCausalLM.from_pretrained(
@@ -270,6 +274,60 @@ def supports_trained_logits(model: torch.nn.Module, precision: Precision) -> boo
             "logits of every position (correct, but slower and more memory)"
         )
     return supported
+
+
+def packing_keeps_sequences_apart(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    pad_token_id: int,
+    mask_dtype: torch.dtype,
+    precision: Precision,
+) -> bool:
+    """Whether `model` honours packed rows (data/packing.py): the 4D block-diagonal mask and
+    position_ids restarting per sequence. transformers' common architectures do; others
+    build their own mask or positions from a 2D mask (BLOOM's ALiBi fails on a 4D one) and
+    remote-code models may ignore either, which would let packed sequences see each other.
+
+    Probed once, in eval mode, on two real examples (at most 16 tokens each): the second
+    one's logits packed behind the first against alone, next to the same comparison with
+    naive packing (no mask, positions running on). The masked difference must be numerical
+    noise, well below what attending across the boundary changes."""
+    from kubetune_trainer.data.packing import collate_packed  # noqa: PLC0415
+
+    pair = [*examples[:2], *examples[:1]]  # one example: packed behind itself
+    first, second = (Example(e.input_ids[:16], e.labels[:16]) for e in pair[:2])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), precision.autocast():
+            packed = collate_packed([[first, second]], pad_token_id, mask_dtype=mask_dtype)
+            alone = collate_packed([[second]], pad_token_id, mask_dtype=mask_dtype)
+            packed, alone = packed.to(precision.device), alone.to(precision.device)
+            n = len(first)
+            out_packed = model(**packed.model_inputs(), use_cache=False).logits[0, n:].float()
+            out_alone = model(**alone.model_inputs(), use_cache=False).logits[0].float()
+            naive = model(input_ids=packed.input_ids, use_cache=False).logits[0, n:].float()
+        masked_diff = float((out_packed - out_alone).abs().max())
+        naive_diff = float((naive - out_alone).abs().max())
+        noise = (1e-3 if precision.compute_dtype in (None, torch.float32) else 3e-2) * max(
+            1.0, float(out_alone.abs().max())
+        )
+        apart = masked_diff <= max(noise, 0.1 * naive_diff)
+        reason = (
+            f"max |logit difference| {masked_diff:.3g} packed vs alone, "
+            f"{naive_diff:.3g} without the mask"
+        )
+    except Exception as exc:  # a model that cannot take a 4D mask or position_ids
+        apart, reason = False, f"{type(exc).__name__}: {exc}"
+    finally:
+        model.train(was_training)
+    if not apart:
+        log.warning(
+            "this model does not keep packed sequences apart (%s): training without packing, "
+            "one example per row (correct, but padding costs compute)",
+            reason,
+        )
+    return apart
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

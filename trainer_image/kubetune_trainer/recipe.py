@@ -101,6 +101,7 @@ from kubetune_trainer.modeling import (
     load_base_model,
     load_tokenizer,
     load_trainable,
+    packing_keeps_sequences_apart,
     parameter_counts,
     prepare_for_training,
     read_model_config,
@@ -238,6 +239,9 @@ class FineTuneRecipe:
             config.job if self.is_main else None, self.env
         )
         self.preemption = SigtermFlag()
+        # hyperparameters.packing, unless the model turns out not to keep packed sequences
+        # apart (_setup_model); training and evaluation follow this.
+        self.packing = self.spec.hyperparameters.packing
         self.eval_report: EvalReport | None = None
         self.memory_estimate: mem.MemoryEstimate | None = None
         self._resume_rng: dict[str, Any] | None = None
@@ -374,7 +378,7 @@ class FineTuneRecipe:
             seed=hp.seed,
             epochs=hp.epochs,
             max_steps=hp.max_steps,
-            packing=hp.packing,
+            packing=self.packing,
             world_size=self.world_size,
         )
         rows = self.plan.epoch_batches(0)
@@ -387,7 +391,7 @@ class FineTuneRecipe:
             self.plan.steps_per_epoch,
             len(rows),
             hp.batch_size,
-            "packed rows" if hp.packing else "examples",
+            "packed rows" if self.packing else "examples",
             self.spec.dataset.max_seq_length,
             hp.gradient_accumulation_steps,
             self.world_size,
@@ -406,7 +410,7 @@ class FineTuneRecipe:
             )
             return
         seq = self.spec.dataset.max_seq_length
-        if not hp.packing:
+        if not self.packing:
             seq = min(seq, self.train_examples.stats.max_length)
         kwargs: dict[str, Any] = {
             "method": spec.method,
@@ -465,8 +469,18 @@ class FineTuneRecipe:
             base, self.spec, gradient_checkpointing=self.gradient_checkpointing
         )
         self.mask_dtype = attention_mask_dtype(base, self.precision)
-        # Before DDP wrapping: the probe is one forward pass on this process alone.
+        # Before DDP wrapping: the probes are forward passes on this process alone (each
+        # process decides the same way: same model, same examples).
         self.trained_logits_only = supports_trained_logits(model, self.precision)
+        if self.packing and not packing_keeps_sequences_apart(
+            model,
+            self.train_examples,
+            int(self.tokenizer.pad_token_id),
+            self.mask_dtype,
+            self.precision,
+        ):
+            self.packing = False
+            self._setup_plan()  # one example per row
         self.trainable_params, self.total_params = parameter_counts(model)
         log.info(
             "parameters: %s trainable of %s (%.2f%%)",
@@ -664,7 +678,7 @@ class FineTuneRecipe:
     def _collate(self, batch: MicroBatch) -> Batch:
         examples = self.train_examples
         pad = int(self.tokenizer.pad_token_id)
-        if self.spec.hyperparameters.packing:
+        if self.packing:
             rows = [[examples[i] for i in row] for row in batch]
             return collate_packed(rows, pad, mask_dtype=self.mask_dtype)
         return collate_padded([examples[row[0]] for row in batch], pad)
@@ -776,6 +790,7 @@ class FineTuneRecipe:
                 precision=self.precision,
                 mask_dtype=self.mask_dtype,
                 trained_logits_only=self.trained_logits_only,
+                packing=self.packing,
             )
         for prompts, answers in (
             (self.eval_samples, result.sample_answers),
@@ -869,6 +884,8 @@ class FineTuneRecipe:
                 "validation": self.validation_examples.stats.as_dict(),
             },
             "gradient_checkpointing": self.gradient_checkpointing,
+            "packing": self.packing,
+            "trained_logits_only": self.trained_logits_only,
             "compute_dtype": str(self.precision.compute_dtype or torch.float32),
             "memory_estimate_bytes": None
             if self.memory_estimate is None
