@@ -201,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bucket", help="bucket (default: $KUBETUNE_S3_BUCKET or kubetune)")
     parser.add_argument("--work-dir", type=Path, default=benchlib.ROOT / ".dev/bench/s3_pull")
     parser.add_argument("--out", type=Path, default=benchlib.DOCS_DIR / "s3_pull.json")
-    parser.add_argument("--plot", type=Path, default=benchlib.DOCS_DIR / "s3_pull.png")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(
         "--sweep",
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"warm cache {rows['contender_warm_cache']['median_wall_s']}s -> {args.out}"
     )
     if not args.no_plot:
-        plot(args.plot, result)
+        plot(args.plot or args.out.with_suffix(".png"), result)
     return result
 
 

@@ -961,7 +961,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--work", type=Path, default=benchlib.ROOT / ".dev/bench/trainer")
     parser.add_argument("--out", type=Path, default=benchlib.DOCS_DIR / "trainer_throughput.json")
-    parser.add_argument("--plot", type=Path, default=benchlib.DOCS_DIR / "trainer_throughput.png")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")
     parser.add_argument("--no-plot", action="store_true")
     # Internal: one measured run in this process (started by the orchestrator).
     hidden = argparse.SUPPRESS
@@ -1100,7 +1100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
     if not args.no_plot:
-        plot(args.plot, result)
+        plot(args.plot or args.out.with_suffix(".png"), result)
     return result
 
 
