@@ -322,31 +322,6 @@ def worker_classic(args: argparse.Namespace, variant: str, model_dir: Path) -> d
     }
 
 
-def _isolation_check(model: Any, examples: list[Any], pad_id: int, mask_dtype: Any) -> Any:
-    """Two examples packed in one row vs each alone: max |logit difference| on the second
-    one, with the block-diagonal mask and without any mask (naive packing)."""
-    import torch
-
-    from kubetune_trainer.data import collate_packed
-
-    device = next(model.parameters()).device
-    first, second = examples[0], examples[1]
-    model.eval()
-    with torch.no_grad():
-        packed = collate_packed([[first, second]], pad_id, mask_dtype=mask_dtype).to(device)
-        alone = collate_packed([[second]], pad_id, mask_dtype=mask_dtype).to(device)
-        n = len(first)
-        out_packed = model(**packed.model_inputs(), use_cache=False).logits[0, n:].float()
-        out_alone = model(**alone.model_inputs(), use_cache=False).logits[0].float()
-        naive = model(input_ids=packed.input_ids, use_cache=False).logits[0, n:].float()
-    model.train()
-    return {
-        "max_abs_logit_diff_masked": float((out_packed - out_alone).abs().max()),
-        "max_abs_logit_diff_naive": float((naive - out_alone).abs().max()),
-        "logit_scale": float(out_alone.abs().max()),
-    }
-
-
 def worker_kubetune(args: argparse.Namespace, variant: str, model_dir: Path) -> dict[str, Any]:
     """kubetune's trainer path (what FineTuneRecipe runs per step), without object storage."""
     import torch
@@ -360,6 +335,7 @@ def worker_kubetune(args: argparse.Namespace, variant: str, model_dir: Path) -> 
         choose_precision,
         load_base_model,
         load_tokenizer,
+        packing_check,
         prepare_for_training,
         read_model_config,
     )
@@ -479,7 +455,19 @@ def worker_kubetune(args: argparse.Namespace, variant: str, model_dir: Path) -> 
         ),
     }
     if variant == "kubetune_lora":
-        result["isolation_check"] = _isolation_check(model, examples, pad_id, mask_dtype)
+        check = packing_check(
+            model,
+            examples[0],
+            examples[1],
+            pad_token_id=pad_id,
+            mask_dtype=mask_dtype,
+            precision=precision,
+        )
+        result["isolation_check"] = {
+            "max_abs_logit_diff_masked": check.masked,
+            "max_abs_logit_diff_naive": check.naive,
+            "logit_scale": check.scale,
+        }
     return result
 
 

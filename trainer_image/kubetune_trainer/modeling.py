@@ -276,6 +276,49 @@ def supports_trained_logits(model: torch.nn.Module, precision: Precision) -> boo
     return supported
 
 
+@dataclass(frozen=True)
+class PackingCheck:
+    """Max |logit difference| of a sequence packed behind another against alone: with the
+    block-diagonal mask and restarting positions (masked), and with naive packing (no mask,
+    positions running on); `scale` is the largest |logit| alone."""
+
+    masked: float
+    naive: float
+    scale: float
+
+
+def packing_check(
+    model: torch.nn.Module,
+    first: Example,
+    second: Example,
+    *,
+    pad_token_id: int,
+    mask_dtype: torch.dtype,
+    precision: Precision,
+) -> PackingCheck:
+    """Three forward passes in eval mode (the model's mode is restored)."""
+    from kubetune_trainer.data.packing import collate_packed  # noqa: PLC0415
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), precision.autocast():
+            packed = collate_packed([[first, second]], pad_token_id, mask_dtype=mask_dtype)
+            alone = collate_packed([[second]], pad_token_id, mask_dtype=mask_dtype)
+            packed, alone = packed.to(precision.device), alone.to(precision.device)
+            n = len(first)
+            out_packed = model(**packed.model_inputs(), use_cache=False).logits[0, n:].float()
+            out_alone = model(**alone.model_inputs(), use_cache=False).logits[0].float()
+            naive = model(input_ids=packed.input_ids, use_cache=False).logits[0, n:].float()
+    finally:
+        model.train(was_training)
+    return PackingCheck(
+        masked=float((out_packed - out_alone).abs().max()),
+        naive=float((naive - out_alone).abs().max()),
+        scale=float(out_alone.abs().max()),
+    )
+
+
 def packing_keeps_sequences_apart(
     model: torch.nn.Module,
     examples: Sequence[Example],
@@ -288,39 +331,28 @@ def packing_keeps_sequences_apart(
     build their own mask or positions from a 2D mask (BLOOM's ALiBi fails on a 4D one) and
     remote-code models may ignore either, which would let packed sequences see each other.
 
-    Probed once, in eval mode, on two real examples (at most 16 tokens each): the second
-    one's logits packed behind the first against alone, next to the same comparison with
-    naive packing (no mask, positions running on). The masked difference must be numerical
-    noise, well below what attending across the boundary changes."""
-    from kubetune_trainer.data.packing import collate_packed  # noqa: PLC0415
-
+    Probed once on two real examples (at most 16 tokens each, packing_check): the masked
+    difference must be numerical noise, well below what attending across the boundary
+    changes."""
     pair = [*examples[:2], *examples[:1]]  # one example: packed behind itself
     first, second = (Example(e.input_ids[:16], e.labels[:16]) for e in pair[:2])
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), precision.autocast():
-            packed = collate_packed([[first, second]], pad_token_id, mask_dtype=mask_dtype)
-            alone = collate_packed([[second]], pad_token_id, mask_dtype=mask_dtype)
-            packed, alone = packed.to(precision.device), alone.to(precision.device)
-            n = len(first)
-            out_packed = model(**packed.model_inputs(), use_cache=False).logits[0, n:].float()
-            out_alone = model(**alone.model_inputs(), use_cache=False).logits[0].float()
-            naive = model(input_ids=packed.input_ids, use_cache=False).logits[0, n:].float()
-        masked_diff = float((out_packed - out_alone).abs().max())
-        naive_diff = float((naive - out_alone).abs().max())
-        noise = (1e-3 if precision.compute_dtype in (None, torch.float32) else 3e-2) * max(
-            1.0, float(out_alone.abs().max())
+        check = packing_check(
+            model,
+            first,
+            second,
+            pad_token_id=pad_token_id,
+            mask_dtype=mask_dtype,
+            precision=precision,
         )
-        apart = masked_diff <= max(noise, 0.1 * naive_diff)
+        noise = 1e-3 if precision.compute_dtype in (None, torch.float32) else 3e-2
+        apart = check.masked <= max(noise * max(1.0, check.scale), 0.1 * check.naive)
         reason = (
-            f"max |logit difference| {masked_diff:.3g} packed vs alone, "
-            f"{naive_diff:.3g} without the mask"
+            f"max |logit difference| {check.masked:.3g} packed vs alone, "
+            f"{check.naive:.3g} without the mask"
         )
     except Exception as exc:  # a model that cannot take a 4D mask or position_ids
         apart, reason = False, f"{type(exc).__name__}: {exc}"
-    finally:
-        model.train(was_training)
     if not apart:
         log.warning(
             "this model does not keep packed sequences apart (%s): training without packing, "
