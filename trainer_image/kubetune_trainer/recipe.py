@@ -472,12 +472,14 @@ class FineTuneRecipe:
         # Before DDP wrapping: the probes are forward passes on this process alone (each
         # process decides the same way: same model, same examples).
         self.trained_logits_only = supports_trained_logits(model, self.precision)
-        if self.packing and not packing_keeps_sequences_apart(
-            model,
-            self.train_examples,
-            int(self.tokenizer.pad_token_id),
-            self.mask_dtype,
-            self.precision,
+        if self.packing and not self._all_processes_agree(
+            packing_keeps_sequences_apart(
+                model,
+                self.train_examples,
+                int(self.tokenizer.pad_token_id),
+                self.mask_dtype,
+                self.precision,
+            )
         ):
             self.packing = False
             self._setup_plan()  # one example per row
@@ -495,6 +497,14 @@ class FineTuneRecipe:
         self.model = self.accelerator.prepare_model(
             model, device_placement=self.spec.method != "qlora"
         )
+
+    def _all_processes_agree(self, verdict: bool) -> bool:
+        """True only if every process's verdict is True: data-parallel processes must plan
+        the same steps (a process with other micro-batches would hang the gradient sync)."""
+        if self.world_size == 1:
+            return verdict
+        votes = torch.tensor([int(verdict)], device=self.device)
+        return bool(int(self.accelerator.reduce(votes, reduction="sum").item()) == self.world_size)
 
     @property
     def unwrapped(self) -> torch.nn.Module:
