@@ -146,10 +146,16 @@ def load_config(path: Path) -> TrainerConfig:
     return TrainerConfig.model_validate_json(text)
 
 
-def configure_logging() -> None:
+def configure_logging(environ: Mapping[str, str] | None = None) -> None:
+    """INFO to stdout. Under torchrun every process writes to the same container log, so the
+    processes other than rank 0 log warnings and errors only, each line marked with its rank:
+    progress appears once, and a problem on one process still shows which."""
+    env = os.environ if environ is None else environ
+    rank, world_size = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    marker = f"[rank {rank}] " if world_size > 1 else ""
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s {marker}%(name)s: %(message)s",
         stream=sys.stdout,
         force=True,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -22,6 +23,7 @@ from tiny_models import tiny_llama_model
 from kubetune_trainer import exitcodes
 from kubetune_trainer.__main__ import (
     classify,
+    configure_logging,
     one_line,
     run,
     termination_log_path,
@@ -409,3 +411,23 @@ def test_dataset_errors_point_at_file_and_line(tmp_path: Path) -> None:
     code, message = classify(info.value)
     assert code == exitcodes.DATA_ERROR
     assert "train.jsonl line 2: prompt must be a string" in one_line(message)
+
+
+def test_only_rank_zero_logs_progress_under_torchrun(capsys: pytest.CaptureFixture[str]) -> None:
+    log, root = logging.getLogger("kubetune_trainer.test"), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging({"RANK": "1", "WORLD_SIZE": "2"})
+        log.info("step 1/2")
+        log.warning("packing off")
+        configure_logging({"RANK": "0", "WORLD_SIZE": "2"})
+        log.info("step 2/2")
+        configure_logging({})
+        log.info("single process")
+    finally:
+        root.handlers[:], root.level = handlers, level
+    out = capsys.readouterr().out
+    assert "step 1/2" not in out  # rank 1: warnings only
+    assert "WARNING [rank 1] kubetune_trainer.test: packing off" in out
+    assert "INFO [rank 0] kubetune_trainer.test: step 2/2" in out
+    assert "INFO kubetune_trainer.test: single process" in out
