@@ -8,8 +8,7 @@ Requests per FineTuneJob, the whole of what the operator sends while it is creat
 (the children; no GET before them, a GET only after a 409), one status patch, the two Events
 (JobCreated and the first phase) and Kopf's own annotation patch (its diff base). Everything
 else is read from Kopf's in-memory indices of the FineTuneJobs, Jobs and pods it watches
-(`Observed`), not from the API server; without indices (unit tests, tools) the functions fall
-back to GET and LIST.
+(`Observed`), not from the API server; the one exception is a failed Job's pods (sync_status).
 """
 
 from __future__ import annotations
@@ -105,9 +104,6 @@ def ftj_path(namespace: str, name: str, subresource: str | None = None) -> str:
     return path(API_VERSION, PLURAL, namespace, name, subresource)
 
 
-_owned_by = observed.owned_by
-
-
 def _ftj_body(ftj: Body) -> kopf.Body:
     return kopf.Body(cast(kopf.RawBody, dict(ftj)))
 
@@ -151,7 +147,7 @@ async def ensure_peering(kube: Kube, settings: OperatorSettings) -> None:
 # ---------------------------------------------------------------------------- the children
 
 
-async def ensure_children(op: Operator, ftj: Body, seen: Observed | None = None) -> None:
+async def ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
     """Create whatever of the FineTuneJob's children is missing, then report status.
 
     Safe to re-run at any time: existing children are left as they are. `ftj` is the body Kopf
@@ -163,7 +159,7 @@ async def ensure_children(op: Operator, ftj: Body, seen: Observed | None = None)
         await _ensure_children(op, ftj, seen)
 
 
-async def _ensure_children(op: Operator, ftj: Body, seen: Observed | None) -> None:
+async def _ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
     meta = ftj["metadata"]
     namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
     parsed, error = validation.checked_spec(ftj)
@@ -202,7 +198,7 @@ async def _ensure_children(op: Operator, ftj: Body, seen: Observed | None) -> No
 
 
 def _check_owner(child: Body, obj: Body, uid: str) -> None:
-    if not _owned_by(obj, uid):
+    if not observed.owned_by(obj, uid):
         raise kopf.TemporaryError(
             f"{child['kind']} {child['metadata']['name']} exists but does not belong to this "
             "FineTuneJob (an earlier FineTuneJob of the same name is still being deleted, or "
@@ -211,14 +207,7 @@ def _check_owner(child: Body, obj: Body, uid: str) -> None:
         )
 
 
-async def _owned_job(op: Operator, t: manifests.Target, seen: Observed | None) -> Body | None:
-    if seen is not None:
-        return seen.job(t.namespace, t.name, t.uid)
-    job = await op.kube.get(path("batch/v1", "jobs", t.namespace, t.names.job))
-    return job if job is not None and _owned_by(job, t.uid) else None
-
-
-async def apply_spec_change(op: Operator, ftj: Body, seen: Observed | None = None) -> None:
+async def apply_spec_change(op: Operator, ftj: Body, seen: Observed) -> None:
     """Carry a spec change into the children: the trainer config, and the Job settings that
     stay mutable (maxRetries, timeout, queueName)."""
     meta = ftj["metadata"]
@@ -230,7 +219,7 @@ async def apply_spec_change(op: Operator, ftj: Body, seen: Observed | None = Non
     t = manifests.target(ftj, op.settings)
     config_path = path("v1", "configmaps", namespace, t.names.config_map)
     await op.kube.merge_patch(config_path, {"data": {CONFIG_KEY: manifests.render_config(t)}})
-    job = await _owned_job(op, t, seen)
+    job = seen.job(namespace, name, t.uid)
     if job is not None:
         try:
             await op.kube.merge_patch(
@@ -243,14 +232,14 @@ async def apply_spec_change(op: Operator, ftj: Body, seen: Observed | None = Non
     await sync_status(op, namespace, name, ftj=ftj, seen=seen)
 
 
-async def apply_suspend(op: Operator, ftj: Body, seen: Observed | None = None) -> None:
+async def apply_suspend(op: Operator, ftj: Body, seen: Observed) -> None:
     """Make the Job follow spec.suspend: the Job controller then deletes or recreates the pod."""
     meta = ftj["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     job: Body | _Unknown | None = UNKNOWN
     if validation.spec_error(ftj) is None:
         t = manifests.target(ftj, op.settings)
-        job = await _owned_job(op, t, seen)
+        job = seen.job(namespace, name, t.uid)
         patch = manifests.suspend_patch(t.spec, job) if job is not None else None
         if patch is not None:
             patched = await op.kube.merge_patch(
@@ -274,25 +263,22 @@ async def sync_status(
     namespace: str,
     name: str,
     *,
+    seen: Observed,
     ftj: Body | None = None,
     job: Body | _Unknown | None = UNKNOWN,
-    seen: Observed | None = None,
     blocker: status.Blocker | None = None,
 ) -> status.Verdict | None:
     """Observe the FineTuneJob, its Job and pods; patch the owned status fields that changed.
 
     Observations come from the caller (`ftj`: the body Kopf delivered, `job`: a create or patch
-    response), else from Kopf's indices (`seen`), else from the API server (GET and LIST). This
+    response), else from Kopf's indices (`seen`); a failed Job's pods are LISTed fresh. This
     replica's own last status write is laid over the FineTuneJob until the watch delivers it
     (observed.WrittenStatus), so concurrent triggers converge without re-reading. Posts an Event
     when the phase or reason changes.
     """
     async with op.lock(namespace, name):
         if ftj is None:
-            if seen is not None:
-                ftj = seen.ftj(namespace, name)
-            else:
-                ftj = await op.kube.get(ftj_path(namespace, name))
+            ftj = seen.ftj(namespace, name)
             if ftj is None:
                 return None  # deleted: the garbage collector removes the children
         ftj = op.written.latest(ftj, time.monotonic())
@@ -300,17 +286,13 @@ async def sync_status(
         spec = None if parsed is None else manifests.effective_spec(parsed, op.settings)
         uid = ftj["metadata"]["uid"]
         if isinstance(job, _Unknown):
-            if seen is not None:
-                job = seen.job(namespace, name, uid)
-            else:
-                job_path = path("batch/v1", "jobs", namespace, manifests.Names.of(name).job)
-                job = await op.kube.get(job_path)
-        if job is not None and not _owned_by(job, uid):
+            job = seen.job(namespace, name, uid)
+        if job is not None and not observed.owned_by(job, uid):
             job = None  # left over from an earlier FineTuneJob of the same name
         pods: Sequence[Body] = ()
         if job is not None:
             job_uid = job["metadata"]["uid"]
-            if seen is not None and not _job_failed(job):
+            if not _job_failed(job):
                 pods = seen.job_pods(namespace, name, job_uid)
             else:
                 # A failed Job's verdict is final and its reason comes from the last pod's exit

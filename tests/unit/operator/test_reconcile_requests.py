@@ -172,12 +172,6 @@ def test_a_finetunejob_missing_from_the_index_is_gone() -> None:
     assert verdict is None and kube.calls == []
 
 
-def test_without_indices_it_reads_from_the_api_server(events: list[str]) -> None:
-    kube = FakeKube(served(), existing={"support-lora-train": job()})
-    asyncio.run(reconcile.sync_status(_operator(kube), NAMESPACE, "support-lora"))
-    assert [method for method, _ in kube.calls] == ["GET", "GET", "LIST", "PATCH"]
-
-
 def test_restart_with_existing_children_creates_no_second_job(events: list[str]) -> None:
     status = {"phase": "Suspended", "reason": "Suspended", "jobName": "support-lora-train"}
     ftj = served(suspend=True, status=status)
