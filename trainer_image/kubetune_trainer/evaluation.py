@@ -33,7 +33,7 @@ from kubetune_trainer.data.templates import (
     chatml_segments,
     encode_segments,
 )
-from kubetune_trainer.modeling import causal_lm_loss
+from kubetune_trainer.modeling import causal_lm_loss, eval_mode
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -70,8 +70,6 @@ def validation_loss(
     """(mean loss per trained token, trained tokens) over `examples`, packed like training
     or one example per row (packing=False), with the same loss computation as training
     (modeling.causal_lm_loss)."""
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64, device=precision.device)
     tokens = 0
     lengths = [len(e) for e in examples]
@@ -80,7 +78,7 @@ def validation_loss(
         if packing
         else [[i] for i in range(len(lengths))]
     )
-    try:
+    with eval_mode(model):
         for group in batch_rows(rows, rows_per_batch):
             if packing:
                 batch = collate_packed(
@@ -101,8 +99,6 @@ def validation_loss(
                 )
             total += loss.double()
             tokens += batch.num_label_tokens
-    finally:
-        model.train(was_training)
     if tokens == 0:
         raise ValueError("the validation data has no trained tokens")
     return float(total.item()) / tokens, tokens
@@ -201,10 +197,8 @@ def generate_answers(
         eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
-    was_training = model.training
-    model.eval()
     answers: list[str] = []
-    try:
+    with eval_mode(model):
         for prompt in prompts:
             ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=precision.device)
             with precision.autocast():
@@ -214,8 +208,6 @@ def generate_answers(
             text = str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
             # The built-in ChatML end marker may be plain text for tokenizers without it.
             answers.append(text.split(CHATML_END, 1)[0].strip())
-    finally:
-        model.train(was_training)
     return answers
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -211,6 +212,17 @@ def prepare_for_training(
         raise ConfigError(f"lora.targetModules: {exc}") from exc
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, so no RNG is drawn) for the block; the model's mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 # ------------------------------------------------------------------------------------- loss
 
 
@@ -257,17 +269,13 @@ def supports_trained_logits(model: torch.nn.Module, precision: Precision) -> boo
     Probed once with a 3-token forward pass in eval mode (no dropout, so no RNG is drawn)."""
     ids = torch.zeros((1, 3), dtype=torch.long, device=precision.device)
     keep = torch.tensor([[True, False, True]], device=precision.device)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), precision.autocast():
+        with eval_mode(model), torch.no_grad(), precision.autocast():
             logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
         supported = tuple(logits.shape[:-1]) == (2,)
     except Exception as exc:  # TypeError (unknown argument), IndexError (int-only slicing), ...
         log.info("the model takes no logits_to_keep mask (%s: %s)", type(exc).__name__, exc)
         supported = False
-    finally:
-        model.train(was_training)
     if not supported:
         log.warning(
             "this model cannot compute logits at selected positions only: the loss uses the "
@@ -299,19 +307,14 @@ def packing_check(
     """Three forward passes in eval mode (the model's mode is restored)."""
     from kubetune_trainer.data.packing import collate_packed  # noqa: PLC0415
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), precision.autocast():
-            packed = collate_packed([[first, second]], pad_token_id, mask_dtype=mask_dtype)
-            alone = collate_packed([[second]], pad_token_id, mask_dtype=mask_dtype)
-            packed, alone = packed.to(precision.device), alone.to(precision.device)
-            n = len(first)
-            out_packed = model(**packed.model_inputs(), use_cache=False).logits[0, n:].float()
-            out_alone = model(**alone.model_inputs(), use_cache=False).logits[0].float()
-            naive = model(input_ids=packed.input_ids, use_cache=False).logits[0, n:].float()
-    finally:
-        model.train(was_training)
+    packed = collate_packed([[first, second]], pad_token_id, mask_dtype=mask_dtype)
+    alone = collate_packed([[second]], pad_token_id, mask_dtype=mask_dtype)
+    packed, alone = packed.to(precision.device), alone.to(precision.device)
+    n = len(first)
+    with eval_mode(model), torch.no_grad(), precision.autocast():
+        out_packed = model(**packed.model_inputs(), use_cache=False).logits[0, n:].float()
+        out_alone = model(**alone.model_inputs(), use_cache=False).logits[0].float()
+        naive = model(input_ids=packed.input_ids, use_cache=False).logits[0, n:].float()
     return PackingCheck(
         masked=float((out_packed - out_alone).abs().max()),
         naive=float((naive - out_alone).abs().max()),
