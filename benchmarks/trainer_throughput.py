@@ -622,7 +622,7 @@ def worker_eval(args: argparse.Namespace, gate: Gate) -> dict[str, Any]:
     torch = _setup_torch(args.threads, args.seed)
     from peft import PeftModel  # noqa: PLC0415
 
-    from kubetune_trainer.data import load_records, tokenize_records  # noqa: PLC0415
+    from kubetune_trainer.data import collate_padded, load_records, tokenize_records  # noqa: PLC0415
 
     tokenizer, base = _load(args.work)
     dataset = load_records(args.work / "data" / "validation.jsonl", "instruction")
@@ -639,15 +639,8 @@ def worker_eval(args: argparse.Namespace, gate: Gate) -> dict[str, Any]:
         out_n = all_n = 0
         with torch.inference_mode():
             for group in groups:
-                width = max(len(examples[i]) for i in group)
-                ids = torch.full((len(group), width), tokenizer.pad_token_id)
-                mask = torch.zeros((len(group), width), dtype=torch.long)
-                trained = torch.zeros((len(group), width), dtype=torch.bool)
-                for row, i in enumerate(group):
-                    n = len(examples[i])
-                    ids[row, :n] = torch.tensor(examples[i].input_ids)
-                    mask[row, :n] = 1
-                    trained[row, :n] = torch.tensor(examples[i].labels) != -100
+                batch = collate_padded([examples[i] for i in group], tokenizer.pad_token_id)
+                ids, mask, trained = batch.input_ids, batch.attention_mask, batch.labels != -100
                 logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
                 nll = torch.nn.functional.cross_entropy(
                     logits.transpose(1, 2), ids[:, 1:], reduction="none"
