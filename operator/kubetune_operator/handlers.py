@@ -189,3 +189,7 @@ async def _child_event(
             await reconcile.sync_status(
                 _operator(memo), body.metadata.namespace, name, seen=_seen(kwargs)
             )
+            if kind == "job":
+                await reconcile.hold_kueue_suspension(
+                    _operator(memo), body.metadata.namespace, name, _seen(kwargs)
+                )

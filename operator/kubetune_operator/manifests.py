@@ -406,7 +406,9 @@ def job(t: Target, settings: OperatorSettings) -> Body:
     spec = t.spec
     volumes, mounts = _volumes(t)
     job_labels = labels(t)
-    if spec.queue_name:
+    if spec.queue_name and not spec.suspend:
+        # Suspended at creation: Kueue must not see the Job yet (it would admit and start it);
+        # resuming adds the label (suspend_patch).
         job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
     container: Body = {
         "name": CONTAINER,
@@ -498,23 +500,49 @@ def job_settings_patch(t: Target) -> Body:
 
     maxRetries, timeout and queueName stay mutable after training started (api.py
     MUTABLE_AFTER_START); suspend has its own patch (suspend_patch), because Kueue owns it.
+    While spec.suspend is true the queue label is left alone: resuming sets it.
     """
     timeout = t.spec.timeout_seconds()
-    return {
-        "metadata": {"labels": {KUEUE_QUEUE_LABEL: t.spec.queue_name}},
-        "spec": {"backoffLimit": t.spec.max_retries, "activeDeadlineSeconds": timeout},
-    }
+    patch: Body = {"spec": {"backoffLimit": t.spec.max_retries, "activeDeadlineSeconds": timeout}}
+    if not t.spec.suspend:
+        patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: t.spec.queue_name}}
+    return patch
+
+
+def queued_by_kueue(job_body: Mapping[str, Any]) -> bool:
+    """Whether Kueue manages this Job: it carries the queue label."""
+    return KUEUE_QUEUE_LABEL in ((job_body.get("metadata") or {}).get("labels") or {})
 
 
 def suspend_patch(spec: FineTuneSpec, job_body: Mapping[str, Any]) -> Body | None:
     """The Job patch that makes it follow spec.suspend, or None when nothing is to change.
 
-    With a queueName, Kueue unsuspends the Job when it admits it: the operator then only ever
-    suspends, and leaves resuming to Kueue (re-queueing the job).
+    Kueue owns spec.suspend of the Jobs it manages: it unsuspends any Job whose Workload is
+    admitted, whoever suspended it. So for a queued Job suspending means deactivating its
+    Workload (workload_active; Kueue then stops the Job and frees the quota), not patching the
+    Job; resuming means carrying the queue label (Kueue then admits and starts it).
     """
     suspended = bool((job_body.get("spec") or {}).get("suspend"))
-    if spec.suspend and not suspended:
+    label = ((job_body.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
+    if spec.suspend:
+        if queued_by_kueue(job_body) or suspended:
+            return None
         return {"spec": {"suspend": True}}
-    if not spec.suspend and suspended and spec.queue_name is None:
-        return {"spec": {"suspend": False}}
-    return None
+    if spec.queue_name is not None:
+        if label == spec.queue_name:
+            return None
+        return {"metadata": {"labels": {KUEUE_QUEUE_LABEL: spec.queue_name}}}
+    patch: Body = {}
+    if label is not None:  # the queueName was removed while suspended
+        patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: None}}
+    if suspended:
+        patch["spec"] = {"suspend": False}
+    return patch or None
+
+
+def workload_active(spec: FineTuneSpec, job_body: Mapping[str, Any]) -> bool | None:
+    """The spec.active the Job's Kueue Workloads must have, or None when Kueue does not
+    manage the Job: inactive while spec.suspend is true."""
+    if not queued_by_kueue(job_body):
+        return None
+    return not spec.suspend

@@ -31,6 +31,8 @@ from kubetune_trainer.config import CONFIG_KEY
 Body = Mapping[str, Any]
 
 PEERING_API = "kopf.dev/v1"
+KUEUE_API = "kueue.x-k8s.io/v1beta2"
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 # A pvc:// claim that is missing is checked again after this long (the handler is retried).
 CLAIM_RETRY_SECONDS = 30
 # A child that belongs to an earlier FineTuneJob of the same name is being garbage-collected.
@@ -233,7 +235,8 @@ async def apply_spec_change(op: Operator, ftj: Body, seen: Observed) -> None:
 
 
 async def apply_suspend(op: Operator, ftj: Body, seen: Observed) -> None:
-    """Make the Job follow spec.suspend: the Job controller then deletes or recreates the pod."""
+    """Make the Job follow spec.suspend: the Job controller then deletes or recreates the pod.
+    A Job queued through Kueue is stopped and re-queued through its Workload instead."""
     meta = ftj["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     job: Body | _Unknown | None = UNKNOWN
@@ -241,18 +244,57 @@ async def apply_suspend(op: Operator, ftj: Body, seen: Observed) -> None:
         t = manifests.target(ftj, op.settings)
         job = seen.job(namespace, name, t.uid)
         patch = manifests.suspend_patch(t.spec, job) if job is not None else None
-        if patch is not None:
+        if job is not None and patch is not None:
             patched = await op.kube.merge_patch(
                 path("batch/v1", "jobs", namespace, t.names.job), patch
             )
             job = observed.slim_job(patched) if patched is not None else None
-            suspend = patch["spec"]["suspend"]
+        active = manifests.workload_active(t.spec, job) if job is not None else None
+        if job is not None and active is not None:
+            await set_workloads_active(op, namespace, job, active)
+        if patch is not None or active is not None:
+            what = (
+                f"Kueue Workload of training Job {t.names.job}"
+                if active is not None
+                else f"training Job {t.names.job}"
+            )
             kopf.info(
                 _ftj_body(ftj),
-                reason="Suspending" if suspend else "Resuming",
-                message=f"{'Suspended' if suspend else 'Resumed'} training Job {t.names.job}.",
+                reason="Suspending" if t.spec.suspend else "Resuming",
+                message=f"{'Suspended' if t.spec.suspend else 'Resumed'} {what}.",
             )
     await sync_status(op, namespace, name, ftj=ftj, job=job, seen=seen)
+
+
+async def set_workloads_active(op: Operator, namespace: str, job: Body, active: bool) -> None:
+    """Set spec.active of the Kueue Workloads of `job` (found by Kueue's job-uid label): an
+    inactive Workload is evicted, so Kueue suspends its Job and frees the quota; an active one
+    is queued for admission again."""
+    selector = f"{KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}"
+    collection = path(KUEUE_API, "workloads", namespace)
+    for workload in await op.kube.list(collection, label_selector=selector):
+        if (workload.get("spec") or {}).get("active", True) != active:
+            await op.kube.merge_patch(
+                path(KUEUE_API, "workloads", namespace, workload["metadata"]["name"]),
+                {"spec": {"active": active}},
+            )
+
+
+async def hold_kueue_suspension(op: Operator, namespace: str, name: str, seen: Observed) -> None:
+    """Kueue may admit and start a queued Job whose FineTuneJob was suspended before Kueue
+    created its Workload (or before the deactivation reached it): deactivate it again."""
+    ftj = seen.ftj(namespace, name)
+    if ftj is None or validation.spec_error(ftj) is not None:
+        return
+    t = manifests.target(ftj, op.settings)
+    job = seen.job(namespace, name, t.uid)
+    if (
+        job is not None
+        and t.spec.suspend
+        and manifests.queued_by_kueue(job)
+        and not (job.get("spec") or {}).get("suspend")
+    ):
+        await set_workloads_active(op, namespace, job, active=False)
 
 
 # ------------------------------------------------------------------------------------ status

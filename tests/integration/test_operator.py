@@ -36,6 +36,7 @@ from unit.operator.invalid_manifests import (
 
 from kubetune_trainer import exitcodes
 from kubetune_trainer.config import TrainerConfig
+from localenv.kueue import KUEUE_API, KUEUE_NAMESPACE_LABEL, Kueue, running_kueue
 from localenv.testing import Cluster, wait_until
 
 pytestmark = pytest.mark.cluster
@@ -533,3 +534,166 @@ def test_mutable_settings_reach_the_running_job(
     (config_map,) = items(cluster, "configmap", ns, "kubetune.dev/finetunejob=stretch")
     config = TrainerConfig.model_validate_json(config_map["data"]["config.json"])
     assert (config.spec.max_retries, config.spec.timeout) == (5, "3s")
+
+
+# ------------------------------------------------------------------------------ Kueue (real)
+
+
+@pytest.fixture(scope="module")
+def kueue(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
+    with running_kueue(cluster, tmp_path_factory.mktemp("kueue")) as running:
+        yield running
+
+
+@pytest.fixture
+def gpu_queue(cluster: Cluster, kueue: Kueue, restricted_namespace: str) -> Iterator[str]:
+    """LocalQueue "team-a" in the test's namespace, backed by a ClusterQueue with one GPU."""
+    ns = restricted_namespace
+    cluster.kubectl("label", "namespace", ns, f"{KUEUE_NAMESPACE_LABEL}=enabled")
+    flavor, cluster_queue = f"{ns}-default", f"{ns}-gpus"
+    quota = {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "1"}
+    cluster_scoped = [
+        {"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": flavor}},
+        {
+            "apiVersion": KUEUE_API,
+            "kind": "ClusterQueue",
+            "metadata": {"name": cluster_queue},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "resourceGroups": [
+                    {
+                        "coveredResources": list(quota),
+                        "flavors": [
+                            {
+                                "name": flavor,
+                                "resources": [
+                                    {"name": k, "nominalQuota": v} for k, v in quota.items()
+                                ],
+                            }
+                        ],
+                    }
+                ],
+            },
+        },
+    ]
+    cluster.apply(cluster_scoped, ns)
+    local_queue = {
+        "apiVersion": KUEUE_API,
+        "kind": "LocalQueue",
+        "metadata": {"name": "team-a"},
+        "spec": {"clusterQueue": cluster_queue},
+    }
+    cluster.apply(local_queue, ns)
+    yield "team-a"
+    # Kueue keeps its finalizers on the queues and the flavor while Workloads use them: remove
+    # the jobs and their Workloads, then the queues, while Kueue still runs to let them go.
+    for kind in ("finetunejobs", "jobs", "workloads.kueue.x-k8s.io", "localqueues"):
+        cluster.kubectl("delete", kind, "--all", "-n", ns, "--timeout=60s", check=False)
+    for kind, name in (("clusterqueue", cluster_queue), ("resourceflavor", flavor)):
+        cluster.kubectl("delete", kind, name, "--timeout=60s", check=False)
+
+
+def workloads(cluster: Cluster, namespace: str) -> list[Obj]:
+    return items(cluster, "workloads.kueue.x-k8s.io", namespace)
+
+
+def test_kueue_admits_queued_jobs_one_at_a_time_within_quota(
+    cluster: Cluster,
+    restricted_namespace: str,
+    gpu_queue: str,
+    start_operator: Callable[[str], OperatorProcess],
+    phase_log: PhaseLog,
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    # Two jobs of one GPU each against a quota of one: Kueue admits one, the other waits.
+    cluster.apply(
+        [
+            finetunejob("first", "succeed-4", queueName=gpu_queue),
+            finetunejob("second", "succeed-4", queueName=gpu_queue),
+        ],
+        ns,
+    )
+
+    def one_running_one_queued() -> Obj | None:
+        jobs = {
+            n: (get(cluster, "ftj", n, ns) or {}).get("status") or {} for n in ("first", "second")
+        }
+        phases = sorted(s.get("phase", "") for s in jobs.values())
+        return jobs if phases == ["Queued", "Running"] else None
+
+    seen = wait_until(one_running_one_queued, 60, "one job Running and one Queued")
+    queued_name, queued = next((n, s) for n, s in seen.items() if s["phase"] == "Queued")
+    assert queued["reason"] == "WaitingForAdmission"
+    assert f"LocalQueue {gpu_queue}" in queued["message"]
+    running = next(n for n, s in seen.items() if s["phase"] == "Running")
+    admitted = {
+        w["metadata"]["ownerReferences"][0]["name"]: conditions(w.get("status") or {})
+        for w in workloads(cluster, ns)
+    }
+    assert admitted[f"{running}-train"].get("Admitted") == "True"
+    assert admitted[f"{queued_name}-train"].get("Admitted") != "True"
+
+    wait_phase(cluster, ns, "first", "Succeeded", timeout=90)
+    wait_phase(cluster, ns, "second", "Succeeded", timeout=90)
+    # Never both running at once: replay the phase changes of both in the order they came.
+    current: dict[str, str] = {}
+    for name, phase, _ in phase_log.entries:
+        current[name] = phase
+        assert list(current.values()).count("Running") <= 1, phase_log.entries
+
+
+def workload_of(cluster: Cluster, namespace: str, ftj: str) -> Obj | None:
+    job = get(cluster, "job", f"{ftj}-train", namespace)
+    uid = job["metadata"]["uid"] if job else None
+    return next(
+        (
+            w
+            for w in workloads(cluster, namespace)
+            if w["metadata"]["labels"].get("kueue.x-k8s.io/job-uid") == uid
+        ),
+        None,
+    )
+
+
+def test_kueue_suspend_frees_the_quota_and_resume_queues_again(
+    cluster: Cluster,
+    restricted_namespace: str,
+    gpu_queue: str,
+    start_operator: Callable[[str], OperatorProcess],
+    phase_log: PhaseLog,
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("long", "sleep-120", queueName=gpu_queue), ns)
+    wait_phase(cluster, ns, "long", "Running")
+    # Created suspended: Kueue does not see it yet (no Workload), so it cannot start it.
+    cluster.apply(finetunejob("next", "succeed-3", queueName=gpu_queue, suspend=True), ns)
+    wait_phase(cluster, ns, "next", "Suspended")
+    assert workload_of(cluster, ns, "next") is None
+
+    def patch_suspend(name: str, value: bool) -> None:
+        body = json.dumps({"spec": {"suspend": value}})
+        cluster.kubectl("patch", "ftj", name, "-n", ns, "--type=merge", "-p", body)
+
+    patch_suspend("next", False)  # now queued behind "long", which holds the one GPU
+    status = wait_phase(cluster, ns, "next", "Queued")
+    assert status["reason"] == "WaitingForAdmission"
+
+    # Suspending the running job stops it through Kueue and hands its GPU to the next one.
+    patch_suspend("long", True)
+    wait_phase(cluster, ns, "long", "Suspended")
+    wait_until(lambda: not trainer_pods(cluster, ns, "long"), 120, "long's pod to be deleted")
+    workload = workload_of(cluster, ns, "long")
+    assert workload is not None and workload["spec"]["active"] is False
+    wait_phase(cluster, ns, "next", "Succeeded", timeout=90)
+    long_status = wait_phase(cluster, ns, "long", "Suspended")  # still: Kueue did not restart it
+    assert "Retrying" not in phase_log.reasons("long")  # the stop cost no retry
+    assert long_status["reason"] == "Suspended"
+
+    patch_suspend("long", False)
+    wait_phase(cluster, ns, "long", "Running", timeout=90)
+    workload = workload_of(cluster, ns, "long")
+    assert workload is not None and workload["spec"]["active"] is True
+    assert len(items(cluster, "job", ns, "kubetune.dev/finetunejob=long")) == 1
+    wait_events(cluster, ns, "long", "Suspending", "Resuming")

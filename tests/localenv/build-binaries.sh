@@ -4,6 +4,8 @@
 #   etcd     - etcd server
 #   helm     - helm v3 client
 #   minio    - S3-compatible object store
+#   kueue    - Kueue's controller manager, with its CRDs and webhook definitions in
+#              .dev/kueue/config (only the Kueue tests start it: tests/localenv/kueue.py)
 # Each comes from the Go module proxy through a wrapper module under tests/localenv/go/<name>,
 # whose go.mod/go.sum pin every version. Built binaries are cached under
 # ${XDG_CACHE_HOME:-~/.cache}/kubetune/bin/<name>-<key>, where the key hashes the wrapper module,
@@ -61,5 +63,18 @@ build helm helm -ldflags "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 build s3 minio -ldflags "-s -w" github.com/minio/minio
 build kube kube -tags selinux,notest,grpcnotrace -ldflags "$ldflags" .
 ln -sf kube "$bindir/kubectl"
+
+kueue_version=$(pinned kueue sigs.k8s.io/kueue)
+build kueue kueue -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$kueue_version" \
+  sigs.k8s.io/kueue/cmd/kueue
+# Kueue's CRDs and webhook definitions come from the same module version as the binary.
+kueue_config="$(dirname "$(readlink -f "$bindir/kueue")")/config"
+if [ ! -d "$kueue_config" ]; then
+  src=$(cd "$gomods/kueue" && go list -m -f '{{.Dir}}' sigs.k8s.io/kueue)/config/components
+  mkdir -p "$kueue_config.tmp"
+  cp "$src"/crd/bases/*.yaml "$src"/webhook/manifests.yaml "$kueue_config.tmp/"
+  chmod -R u+w "$kueue_config.tmp" && mv "$kueue_config.tmp" "$kueue_config"
+fi
+mkdir -p "$root/.dev/kueue" && ln -sfn "$kueue_config" "$root/.dev/kueue/config"
 echo "build-binaries: kubernetes $kube_version, etcd $(pinned etcd go.etcd.io/etcd/server/v3)," \
-  "helm $helm_version, minio $(pinned s3 github.com/minio/minio) in $bindir" >&2
+  "helm $helm_version, minio $(pinned s3 github.com/minio/minio), kueue $kueue_version in $bindir" >&2

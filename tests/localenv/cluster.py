@@ -107,7 +107,7 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
-def _issue(name: str, subject: str, sans: str = "", server: bool = False) -> None:
+def issue_certificate(name: str, subject: str, sans: str = "", server: bool = False) -> None:
     """An EC P-256 key and a certificate signed by the local CA."""
     key, csr, crt = PKI / f"{name}.key", PKI / f"{name}.csr", PKI / f"{name}.crt"
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(key))
@@ -146,15 +146,19 @@ def ensure_pki() -> None:
         "IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
         "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
     )
-    _issue("apiserver", "/CN=kube-apiserver", api_sans, server=True)
-    _issue("admin", "/O=system:masters/CN=kubetune-admin")
-    _issue("controller-manager", "/CN=system:kube-controller-manager")
-    _issue("scheduler", "/CN=system:kube-scheduler")
+    issue_certificate("apiserver", "/CN=kube-apiserver", api_sans, server=True)
+    issue_certificate("admin", "/O=system:masters/CN=kubetune-admin")
+    issue_certificate("controller-manager", "/CN=system:kube-controller-manager")
+    issue_certificate("scheduler", "/CN=system:kube-scheduler")
     # The process node authenticates as a real kubelet would, so the Node authorizer and the
     # NodeRestriction admission plugin limit it to its own node and the pods bound to it.
-    _issue("node", f"/O=system:nodes/CN=system:node:{NODE_NAME}")
-    _issue("kubelet-serving", f"/CN={NODE_NAME}", "IP:127.0.0.1,DNS:localhost", server=True)
-    _issue("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client")
+    issue_certificate("node", f"/O=system:nodes/CN=system:node:{NODE_NAME}")
+    issue_certificate(
+        "kubelet-serving", f"/CN={NODE_NAME}", "IP:127.0.0.1,DNS:localhost", server=True
+    )
+    issue_certificate(
+        "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client"
+    )
     # ServiceAccount token signing key (ES256).
     _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(PKI / "sa.key"))
     _openssl("ec", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub"))

@@ -802,7 +802,9 @@ class FineTuneSpec(_SpecModel):
         default=False,
         description=(
             "Suspend the job (default false): its pod is deleted and it resumes from the last "
-            "checkpoint when set back to false. Can change at any time."
+            "checkpoint when set back to false. Can change at any time. With queueName, the "
+            "job's Kueue Workload is deactivated instead (freeing its quota) and queues again "
+            "when resumed."
         ),
     )
     max_retries: int = Field(

@@ -150,9 +150,10 @@ def test_job_is_the_same_for_every_method(method: str) -> None:
 
 def test_job_for_every_spec_field() -> None:
     job = manifests.job(target(FULL_MANIFEST), SETTINGS)
-    assert job["metadata"]["labels"] == {**LABELS, "kueue.x-k8s.io/queue-name": "team-a"}
+    # spec.suspend is true: no queue label yet, or Kueue would admit and start the Job.
+    assert job["metadata"]["labels"] == LABELS
     spec = job["spec"]
-    # spec.suspend is true; a queueName alone would also suspend it (Kueue admits it).
+    # A queueName alone would also suspend it (Kueue admits it).
     assert (spec["suspend"], spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (True, 0, 5400)
     pod = spec["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
@@ -217,6 +218,10 @@ def test_queue_name_suspends_the_job_for_kueue() -> None:
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     # Only the Job carries the queue label; the pods do not.
     assert "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
+    # Created suspended, it is left out of Kueue's sight until resumed.
+    held = manifests.job(target(queueName="gpu-queue", suspend=True), SETTINGS)
+    assert held["spec"]["suspend"] is True
+    assert "kueue.x-k8s.io/queue-name" not in held["metadata"]["labels"]
 
 
 def test_cpu_only_job_requests_no_gpu() -> None:
@@ -417,23 +422,51 @@ def test_settings_patch_carries_the_mutable_fields() -> None:
     assert cleared["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] is None
 
 
+QUEUE = "kueue.x-k8s.io/queue-name"
+
+
 @pytest.mark.parametrize(
-    ("suspend", "queue", "job_suspended", "expected"),
+    ("ftj", "job", "expected"),
     [
-        (True, None, False, {"spec": {"suspend": True}}),
-        (False, None, True, {"spec": {"suspend": False}}),
-        (True, None, True, None),
-        (False, None, False, None),
-        # With Kueue, the operator suspends but never resumes: admission does.
-        (True, "q", False, {"spec": {"suspend": True}}),
-        (False, "q", True, None),
+        # (spec.suspend, spec.queueName), (Job suspended, its queue label), (patch, active)
+        ((True, None), (False, None), ({"spec": {"suspend": True}}, None)),
+        ((False, None), (True, None), ({"spec": {"suspend": False}}, None)),
+        ((True, None), (True, None), (None, None)),
+        ((False, None), (False, None), (None, None)),
+        # Kueue manages the Job (it carries the label): its Workload is deactivated, because
+        # Kueue unsuspends any admitted Job; Kueue then suspends it.
+        ((True, "q"), (False, "q"), (None, False)),
+        ((True, "q"), (True, "q"), (None, False)),
+        # Resumed: the Workload is activated and Kueue admits (and unsuspends) the Job.
+        ((False, "q"), (True, "q"), (None, True)),
+        # Created suspended, so not yet queued: resuming hands it to Kueue by its label.
+        ((False, "q"), (True, None), ({"metadata": {"labels": {QUEUE: "q"}}}, None)),
+        # The queue was changed, or removed, while suspended.
+        ((False, "r"), (True, "q"), ({"metadata": {"labels": {QUEUE: "r"}}}, True)),
+        (
+            (False, None),
+            (True, "q"),
+            ({"metadata": {"labels": {QUEUE: None}}, "spec": {"suspend": False}}, True),
+        ),
     ],
 )
-def test_suspend_patch(
-    suspend: bool, queue: str | None, job_suspended: bool, expected: dict[str, Any] | None
+def test_suspend_follows_spec_and_kueue(
+    ftj: tuple[bool, str | None],
+    job: tuple[bool, str | None],
+    expected: tuple[dict[str, Any] | None, bool | None],
 ) -> None:
+    (suspend, queue), (job_suspended, job_queue) = ftj, job
     spec = target(suspend=suspend, **({"queueName": queue} if queue else {})).spec
-    assert manifests.suspend_patch(spec, {"spec": {"suspend": job_suspended}}) == expected
+    body = {
+        "metadata": {"labels": {QUEUE: job_queue} if job_queue else {}},
+        "spec": {"suspend": job_suspended},
+    }
+    assert (manifests.suspend_patch(spec, body), manifests.workload_active(spec, body)) == expected
+
+
+def test_settings_patch_leaves_the_queue_label_to_resuming_while_suspended() -> None:
+    patch = manifests.job_settings_patch(target(suspend=True, queueName="q", maxRetries=1))
+    assert patch == {"spec": {"backoffLimit": 1, "activeDeadlineSeconds": None}}
 
 
 def test_builders_do_not_mutate_their_input() -> None:

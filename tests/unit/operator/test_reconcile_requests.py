@@ -21,6 +21,8 @@ from kubetune_operator import manifests, observed, reconcile
 from kubetune_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
+JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+WORKLOADS = f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{NAMESPACE}/workloads"
 
 
 class FakeKube:
@@ -31,6 +33,8 @@ class FakeKube:
         self.existing = dict(existing or {})
         self.calls: list[tuple[str, str]] = []
         self.version = 100
+        self.workloads: list[Obj] = []  # Kueue's, for the Job JOB_UID
+        self.patches: dict[str, Mapping[str, Any]] = {}
 
     async def get(self, api_path: str) -> Obj | None:
         self.calls.append(("GET", api_path))
@@ -40,6 +44,8 @@ class FakeKube:
 
     async def list(self, api_path: str, *, label_selector: str | None = None) -> list[Obj]:
         self.calls.append(("LIST", api_path))
+        if api_path.endswith("/workloads"):
+            return [w for w in self.workloads if label_selector == f"{JOB_UID_LABEL}={JOB_UID}"]
         return []
 
     async def create(self, body: Mapping[str, Any]) -> tuple[Obj, bool]:
@@ -54,6 +60,7 @@ class FakeKube:
 
     async def merge_patch(self, api_path: str, patch: Mapping[str, Any]) -> Obj | None:
         self.calls.append(("PATCH", api_path))
+        self.patches[api_path] = patch
         if api_path.endswith("/status"):
             self.version += 1
             self.ftj["status"] = {**(self.ftj.get("status") or {}), **patch["status"]}
@@ -282,3 +289,55 @@ def test_written_status_of_an_earlier_finetunejob_of_the_same_name_is_ignored() 
     recreated = _streamed("8")
     recreated["metadata"]["uid"] = "a-new-uid"
     assert written.latest(recreated, now=100.5) is recreated
+
+
+# ------------------------------------------------------------------------------------ Kueue
+
+
+def _queued_job(*, suspend: bool) -> Obj:
+    the_job = _labelled(job(suspend=suspend))
+    the_job["metadata"]["labels"] = {manifests.KUEUE_QUEUE_LABEL: "gpus"}
+    return the_job
+
+
+def _workload(active: bool) -> Obj:
+    meta = {"name": "job-support-lora-train-1a2b3", "labels": {JOB_UID_LABEL: JOB_UID}}
+    return {"metadata": meta, "spec": {"active": active}}
+
+
+@pytest.mark.parametrize(
+    ("ftj_suspend", "job_suspended", "active", "deactivated"),
+    [
+        (True, False, True, True),  # Kueue admitted (and started) a suspended FineTuneJob's Job
+        (True, True, True, False),  # not started: nothing to undo
+        (False, False, True, False),  # running as asked
+        (True, False, False, False),  # already deactivated: Kueue is stopping it
+    ],
+)
+def test_a_job_kueue_started_against_spec_suspend_is_deactivated_again(
+    ftj_suspend: bool, job_suspended: bool, active: bool, deactivated: bool
+) -> None:
+    ftj = served(suspend=ftj_suspend, queueName="gpus")
+    kube = FakeKube(ftj)
+    kube.workloads = [_workload(active)]
+    op = _operator(kube)
+    seen = _seen(ftjs=[ftj], jobs=[_queued_job(suspend=job_suspended)])
+    asyncio.run(reconcile.hold_kueue_suspension(op, NAMESPACE, "support-lora", seen))
+    patch_path = f"{WORKLOADS}/job-support-lora-train-1a2b3"
+    assert (patch_path in kube.patches) is deactivated
+    if deactivated:
+        assert kube.patches[patch_path] == {"spec": {"active": False}}
+    # Only a started Job against spec.suspend costs a request (the LIST of its Workloads).
+    assert bool(kube.calls) is (ftj_suspend and not job_suspended)
+
+
+def test_suspending_a_queued_job_deactivates_its_workload_not_the_job(events: list[str]) -> None:
+    ftj = served(suspend=True, queueName="gpus")
+    kube = FakeKube(ftj)
+    kube.workloads = [_workload(active=True)]
+    seen = _seen(ftjs=[ftj], jobs=[_queued_job(suspend=False)])
+    asyncio.run(reconcile.apply_suspend(_operator(kube), ftj, seen))
+    assert kube.patches[f"{WORKLOADS}/job-support-lora-train-1a2b3"] == {"spec": {"active": False}}
+    # The Job itself is left to Kueue, which would unsuspend it while the Workload is admitted.
+    assert not [p for p in kube.patches if "/jobs/" in p]
+    assert "Suspending" in events
