@@ -40,6 +40,7 @@ from kubetune_trainer.api import GROUP, PLURAL, VERSION
 
 FTJ = (GROUP, VERSION, PLURAL)
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
+KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
 
 
 def _ftj(body: kopf.Body) -> dict[str, Any]:
@@ -111,9 +112,21 @@ async def pod_index(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
     return {(namespace, name): observed.slim_pod(body)} if name else None
 
 
+# Kueue's Workloads (spec.queueName): why a queued job waits. Workloads carry no labels of ours,
+# so this watch sees every Workload in the watched namespaces and keeps only those of our Jobs.
+# Where Kueue is not installed Kopf logs once that the resource is unresolved and serves the rest.
+@kopf.index(*KUEUE_WORKLOADS)
+async def workload_index(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    name = observed.workload_ftj_name(body)
+    return {(namespace, name): observed.slim_workload(body)} if name else None
+
+
 def _seen(kwargs: Mapping[str, Any]) -> reconcile.Observed:
     return reconcile.Observed(
-        ftjs=kwargs["ftj_index"], jobs=kwargs["job_index"], pods=kwargs["pod_index"]
+        ftjs=kwargs["ftj_index"],
+        jobs=kwargs["job_index"],
+        pods=kwargs["pod_index"],
+        workloads=kwargs.get("workload_index") or {},
     )
 
 
@@ -178,6 +191,16 @@ async def job_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
 @kopf.on.event("v1", "pods", labels=OURS)
 async def pod_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     await _child_event("pod", body, memo, kwargs)
+
+
+@kopf.on.event(*KUEUE_WORKLOADS)
+async def workload_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    name = observed.workload_ftj_name(body)
+    if name and body.metadata.namespace:
+        async with metrics.timed("workload-event"):
+            await reconcile.sync_status(
+                _operator(memo), body.metadata.namespace, name, seen=_seen(kwargs)
+            )
 
 
 async def _child_event(

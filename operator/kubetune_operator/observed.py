@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from kubetune_operator.manifests import FTJ_LABEL
 from kubetune_operator.status import OWNED_FIELDS
 
 Body = Mapping[str, Any]
@@ -83,6 +84,39 @@ def slim_job(body: Body) -> dict[str, Any]:
 def slim_pod(body: Body) -> dict[str, Any]:
     """A pod's identity, labels and status (phase, conditions, container states)."""
     return {"metadata": _meta(body, _CHILD_META), "status": body.get("status") or {}}
+
+
+KUEUE_JOB_UID_LABEL: Final = "kueue.x-k8s.io/job-uid"
+
+
+def workload_ftj_name(body: Body) -> str | None:
+    """The FineTuneJob whose Job a Kueue Workload admits (None for other workloads): Kueue
+    copies the Job's pod template into the Workload, and ours names the FineTuneJob."""
+    for pod_set in (body.get("spec") or {}).get("podSets") or []:
+        meta = (pod_set.get("template") or {}).get("metadata") or {}
+        name = (meta.get("annotations") or {}).get(FTJ_LABEL)
+        if name:
+            return str(name)
+    return None
+
+
+def slim_workload(body: Body) -> dict[str, Any]:
+    """A Kueue Workload's identity, spec.active and conditions (no pod templates)."""
+    status = body.get("status") or {}
+    return {
+        "metadata": _meta(body, ("name", "namespace", "uid", "labels")),
+        "spec": {"active": (body.get("spec") or {}).get("active", True)},
+        "status": {"conditions": status.get("conditions") or []},
+    }
+
+
+def job_workload(workloads: Iterable[Body], job_uid: str) -> Body | None:
+    """The Workload Kueue made for the Job `job_uid` (by Kueue's job-uid label)."""
+    for workload in workloads:
+        labels = (workload.get("metadata") or {}).get("labels") or {}
+        if labels.get(KUEUE_JOB_UID_LABEL) == job_uid:
+            return workload
+    return None
 
 
 def owned_by(obj: Body, uid: str) -> bool:

@@ -32,7 +32,6 @@ Body = Mapping[str, Any]
 
 PEERING_API = "kopf.dev/v1"
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
-KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
 # A pvc:// claim that is missing is checked again after this long (the handler is retried).
 CLAIM_RETRY_SECONDS = 30
 # A child that belongs to an earlier FineTuneJob of the same name is being garbage-collected.
@@ -86,6 +85,8 @@ class Observed:
     ftjs: Mapping[Any, Iterable[Body]]
     jobs: Mapping[Any, Iterable[Body]]
     pods: Mapping[Any, Iterable[Body]]
+    # Kueue's Workloads of the Jobs (empty where Kueue is not installed).
+    workloads: Mapping[Any, Iterable[Body]] = field(default_factory=dict)
 
     def ftj(self, namespace: str, name: str) -> Body | None:
         return next(iter(self.ftjs.get((namespace, name)) or ()), None)
@@ -95,6 +96,9 @@ class Observed:
 
     def job_pods(self, namespace: str, name: str, job_uid: str) -> list[Body]:
         return observed.job_pods(self.pods.get((namespace, name)) or (), job_uid)
+
+    def workload(self, namespace: str, name: str, job_uid: str) -> Body | None:
+        return observed.job_workload(self.workloads.get((namespace, name)) or (), job_uid)
 
 
 def _job_failed(job: Body) -> bool:
@@ -270,7 +274,7 @@ async def set_workloads_active(op: Operator, namespace: str, job: Body, active: 
     """Set spec.active of the Kueue Workloads of `job` (found by Kueue's job-uid label): an
     inactive Workload is evicted, so Kueue suspends its Job and frees the quota; an active one
     is queued for admission again."""
-    selector = f"{KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}"
+    selector = f"{observed.KUEUE_JOB_UID_LABEL}={job['metadata']['uid']}"
     collection = path(KUEUE_API, "workloads", namespace)
     for workload in await op.kube.list(collection, label_selector=selector):
         if (workload.get("spec") or {}).get("active", True) != active:
@@ -332,8 +336,10 @@ async def sync_status(
         if job is not None and not observed.owned_by(job, uid):
             job = None  # left over from an earlier FineTuneJob of the same name
         pods: Sequence[Body] = ()
+        workload: Body | None = None
         if job is not None:
             job_uid = job["metadata"]["uid"]
+            workload = seen.workload(namespace, name, job_uid)
             if not _job_failed(job):
                 pods = seen.job_pods(namespace, name, job_uid)
             else:
@@ -351,6 +357,7 @@ async def sync_status(
             spec=spec,
             spec_error=error,
             blocker=blocker,
+            workload=workload,
         )
         if patch:
             response = await op.kube.merge_patch(

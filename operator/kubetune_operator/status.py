@@ -168,11 +168,15 @@ def assess(
     spec: FineTuneSpec | None,
     spec_error: str | None = None,
     blocker: Blocker | None = None,
+    workload: Body | None = None,
 ) -> Verdict:
-    """The phase, reason and message for the current observations."""
+    """The phase, reason and message for the current observations (`workload`: the Job's
+    Kueue Workload, when Kueue manages it)."""
     status = ftj.get("status") or {}
     previous = status.get("phase")
-    verdict = _assess(ftj, job, pods, spec=spec, spec_error=spec_error, blocker=blocker)
+    verdict = _assess(
+        ftj, job, pods, spec=spec, spec_error=spec_error, blocker=blocker, workload=workload
+    )
     if previous in TERMINAL and verdict.phase != previous:
         # Final: a Succeeded job whose Job is deleted later did not become Cancelled. Within
         # the same phase the details may still improve (the Job controller counts the last
@@ -189,6 +193,7 @@ def _assess(
     spec: FineTuneSpec | None,
     spec_error: str | None,
     blocker: Blocker | None,
+    workload: Body | None,
 ) -> Verdict:
     status = ftj.get("status") or {}
     if spec_error is not None or spec is None:
@@ -201,7 +206,7 @@ def _assess(
         )
     if job is None:
         return _without_job(status, blocker)
-    return _with_job(ftj, spec, job, _by_age(pods))
+    return _with_job(ftj, spec, job, _by_age(pods), workload)
 
 
 def _without_job(status: Body, blocker: Blocker | None) -> Verdict:
@@ -220,7 +225,9 @@ def _without_job(status: Body, blocker: Blocker | None) -> Verdict:
     return Verdict("Pending", "Creating", "Creating the training Job.")
 
 
-def _with_job(ftj: Body, spec: FineTuneSpec, job: Body, pods: list[Body]) -> Verdict:
+def _with_job(
+    ftj: Body, spec: FineTuneSpec, job: Body, pods: list[Body], workload: Body | None
+) -> Verdict:
     started = _started(pods)
     succeeded = _true_condition(job, "Complete", "SuccessCriteriaMet")
     if succeeded is not None:
@@ -245,11 +252,11 @@ def _with_job(ftj: Body, spec: FineTuneSpec, job: Body, pods: list[Body]) -> Ver
             finished=failed.get("lastTransitionTime"),
         )
     if (job.get("spec") or {}).get("suspend"):
-        return _suspended(spec, started)
+        return _suspended(spec, started, workload)
     return _progress(ftj, spec, job, pods, started=started)
 
 
-def _suspended(spec: FineTuneSpec, started: str | None) -> Verdict:
+def _suspended(spec: FineTuneSpec, started: str | None, workload: Body | None) -> Verdict:
     if spec.suspend:
         return Verdict(
             "Suspended",
@@ -259,13 +266,24 @@ def _suspended(spec: FineTuneSpec, started: str | None) -> Verdict:
             started=started,
         )
     if spec.queue_name is not None:
+        message = f"Waiting for Kueue to admit the job through LocalQueue {spec.queue_name}"
+        why = _not_admitted_because(workload)
         return Verdict(
             "Queued",
             "WaitingForAdmission",
-            f"Waiting for Kueue to admit the job through LocalQueue {spec.queue_name}.",
+            _clip(f"{message}: {why}" if why else f"{message}."),
             started=started,
         )
     return Verdict("Pending", "Resuming", "Resuming the suspended training Job.", started=started)
+
+
+def _not_admitted_because(workload: Body | None) -> str | None:
+    """Kueue's own explanation on the Workload (e.g. "LocalQueue x doesn't exist", "couldn't
+    assign flavors ...: insufficient unused quota for nvidia.com/gpu ..., 1 more needed")."""
+    for condition in (workload or {}).get("status", {}).get("conditions") or []:
+        if condition.get("type") == "QuotaReserved" and condition.get("status") == "False":
+            return str(condition.get("message") or "") or None
+    return None
 
 
 def _progress(
@@ -478,10 +496,13 @@ def desired_status(
     spec: FineTuneSpec | None,
     spec_error: str | None = None,
     blocker: Blocker | None = None,
+    workload: Body | None = None,
 ) -> tuple[Verdict, dict[str, Any]]:
     """The operator's status fields, all of them, as they should be now."""
     current = ftj.get("status") or {}
-    verdict = assess(ftj, job, pods, spec=spec, spec_error=spec_error, blocker=blocker)
+    verdict = assess(
+        ftj, job, pods, spec=spec, spec_error=spec_error, blocker=blocker, workload=workload
+    )
     generation = ftj["metadata"].get("generation")
     out: dict[str, Any] = {
         "phase": verdict.phase,
@@ -511,10 +532,11 @@ def status_patch(
     spec: FineTuneSpec | None,
     spec_error: str | None = None,
     blocker: Blocker | None = None,
+    workload: Body | None = None,
 ) -> tuple[Verdict, dict[str, Any]]:
     """The verdict, and the merge patch of the owned fields that differ ({} if none do)."""
     verdict, desired = desired_status(
-        ftj, job, pods, now, spec=spec, spec_error=spec_error, blocker=blocker
+        ftj, job, pods, now, spec=spec, spec_error=spec_error, blocker=blocker, workload=workload
     )
     current = ftj.get("status") or {}
     return verdict, {key: value for key, value in desired.items() if current.get(key) != value}

@@ -626,6 +626,15 @@ def test_kueue_admits_queued_jobs_one_at_a_time_within_quota(
     queued_name, queued = next((n, s) for n, s in seen.items() if s["phase"] == "Queued")
     assert queued["reason"] == "WaitingForAdmission"
     assert f"LocalQueue {gpu_queue}" in queued["message"]
+    # Kueue's own reason, from the Workload, once Kueue has tried to admit it.
+    wait_until(
+        lambda: (
+            "insufficient unused quota for nvidia.com/gpu"
+            in ((get(cluster, "ftj", queued_name, ns) or {}).get("status") or {}).get("message", "")
+        ),
+        30,
+        "Kueue's reason in the queued job's status",
+    )
     running = next(n for n, s in seen.items() if s["phase"] == "Running")
     admitted = {
         w["metadata"]["ownerReferences"][0]["name"]: conditions(w.get("status") or {})
@@ -697,3 +706,22 @@ def test_kueue_suspend_frees_the_quota_and_resume_queues_again(
     assert workload is not None and workload["spec"]["active"] is True
     assert len(items(cluster, "job", ns, "kubetune.dev/finetunejob=long")) == 1
     wait_events(cluster, ns, "long", "Suspending", "Resuming")
+
+
+def test_kueue_reason_explains_a_job_sent_to_a_missing_local_queue(
+    cluster: Cluster,
+    restricted_namespace: str,
+    gpu_queue: str,
+    start_operator: Callable[[str], OperatorProcess],
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("lost", queueName="team-b"), ns)
+
+    def explained() -> Obj | None:
+        state = (get(cluster, "ftj", "lost", ns) or {}).get("status") or {}
+        return state if "LocalQueue team-b doesn't exist" in state.get("message", "") else None
+
+    state = wait_until(explained, 30, "the missing LocalQueue in the status")
+    assert (state["phase"], state["reason"]) == ("Queued", "WaitingForAdmission")
+    assert not trainer_pods(cluster, ns, "lost")

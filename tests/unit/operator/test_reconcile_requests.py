@@ -87,7 +87,10 @@ def _operator(kube: FakeKube) -> reconcile.Operator:
 
 
 def _seen(
-    ftjs: list[Obj] | None = None, jobs: list[Obj] | None = None, pods: list[Obj] | None = None
+    ftjs: list[Obj] | None = None,
+    jobs: list[Obj] | None = None,
+    pods: list[Obj] | None = None,
+    workloads: list[Obj] | None = None,
 ) -> reconcile.Observed:
     def by_name(objs: list[Obj] | None, slim: Any) -> dict[tuple[str, str], list[Obj]]:
         index: dict[tuple[str, str], list[Obj]] = {}
@@ -101,6 +104,10 @@ def _seen(
         ftjs=by_name(ftjs, observed.slim_ftj),
         jobs=by_name(jobs, observed.slim_job),
         pods=by_name(pods, observed.slim_pod),
+        workloads={
+            (NAMESPACE, observed.workload_ftj_name(w)): [observed.slim_workload(w)]
+            for w in workloads or []
+        },
     )
 
 
@@ -341,3 +348,40 @@ def test_suspending_a_queued_job_deactivates_its_workload_not_the_job(events: li
     # The Job itself is left to Kueue, which would unsuspend it while the Workload is admitted.
     assert not [p for p in kube.patches if "/jobs/" in p]
     assert "Suspending" in events
+
+
+def _served_workload(conditions: list[Obj]) -> Obj:
+    """A Workload as Kueue writes it for the Job of "support-lora" (pod template copied)."""
+    template = {"metadata": {"annotations": {manifests.FTJ_LABEL: "support-lora"}}, "spec": {}}
+    return {
+        "metadata": {
+            "name": "job-support-lora-train-1a2b3",
+            "namespace": NAMESPACE,
+            "labels": {JOB_UID_LABEL: JOB_UID},
+        },
+        "spec": {"active": True, "podSets": [{"name": "main", "count": 1, "template": template}]},
+        "status": {"conditions": conditions},
+    }
+
+
+def test_a_queued_job_says_why_kueue_has_not_admitted_it(events: list[str]) -> None:
+    why = "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu"
+    pending = {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": why}
+    workload = _served_workload([pending])
+    assert observed.workload_ftj_name(workload) == "support-lora"
+    assert observed.workload_ftj_name({"spec": {"podSets": [{"template": {}}]}}) is None
+    slim = observed.slim_workload(workload)
+    assert "podSets" not in slim["spec"] and slim["status"]["conditions"] == [pending]
+
+    ftj = served(queueName="gpus")
+    kube = FakeKube(ftj)
+    seen = _seen(ftjs=[ftj], jobs=[_queued_job(suspend=True)], workloads=[workload])
+    verdict = asyncio.run(
+        reconcile.sync_status(_operator(kube), NAMESPACE, "support-lora", seen=seen)
+    )
+    assert verdict is not None and (verdict.phase, verdict.reason) == (
+        "Queued",
+        "WaitingForAdmission",
+    )
+    assert verdict.message.endswith(f"LocalQueue gpus: {why}")
+    assert kube.calls == [("PATCH", f"{reconcile.ftj_path(NAMESPACE, 'support-lora')}/status")]

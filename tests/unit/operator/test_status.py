@@ -190,6 +190,21 @@ def test_suspended_and_queued() -> None:
     result = verdict(served(queueName="gpu-queue"), job(suspend=True, active=0), [])
     assert (result.phase, result.reason) == ("Queued", "WaitingForAdmission")
     assert "gpu-queue" in result.message
+    # Kueue's reason, from the Workload, tells why it waits.
+    waiting = {
+        "type": "QuotaReserved",
+        "status": "False",
+        "reason": "Inadmissible",
+        "message": "LocalQueue gpu-queue doesn't exist",
+    }
+    workload = {"status": {"conditions": [waiting]}}
+    result = verdict(
+        served(queueName="gpu-queue"), job(suspend=True, active=0), [], workload=workload
+    )
+    assert result.message == (
+        "Waiting for Kueue to admit the job through LocalQueue gpu-queue: "
+        "LocalQueue gpu-queue doesn't exist"
+    )
     # Un-suspended in spec, the Job not yet: resuming.
     result = verdict(served(), job(suspend=True, active=0), [])
     assert (result.phase, result.reason) == ("Pending", "Resuming")
