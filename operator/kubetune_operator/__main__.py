@@ -45,13 +45,31 @@ __all__ = ["handlers", "main"]
 class _QuietEventHandlers(logging.Filter):
     """Drop Kopf's "Handler 'pod_event' succeeded." lines: one per watch event is noise."""
 
-    NAMES = ("ftj_event", "job_event", "pod_event")
+    NAMES = ("ftj_event", "job_event", "pod_event", "workload_event")
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno != logging.INFO:
             return True
         message = record.getMessage()
         return not any(message == f"Handler {name!r} succeeded." for name in self.NAMES)
+
+
+class _KueueIsOptional(logging.Filter):
+    """Kopf warns at start-up that it cannot watch Kueue's Workloads where Kueue is not
+    installed; that is the normal case, so say it as information, in words a user can use."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        only_kueue = message.count("Selector(") == 1 and "kueue.x-k8s.io" in message
+        if message.startswith("Unresolved resources") and only_kueue:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = (
+                "Kueue is not installed (no workloads.kueue.x-k8s.io API): FineTuneJobs with "
+                "a queueName wait for it. After installing Kueue, restart the operator so "
+                "that it follows their Workloads too (why they wait, suspend)."
+            )
+            record.args = ()
+        return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if settings.log_level != "debug":
         logging.getLogger("kopf.objects").addFilter(_QuietEventHandlers())
+    logging.getLogger("kopf._core.reactor.observation").addFilter(_KueueIsOptional())
     health = settings.health_port
     kopf.run(
         clusterwide=settings.clusterwide,

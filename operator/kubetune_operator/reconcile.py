@@ -257,17 +257,22 @@ async def apply_suspend(op: Operator, ftj: Body, seen: Observed) -> None:
         if job is not None and active is not None:
             await set_workloads_active(op, namespace, job, active)
         if patch is not None or active is not None:
-            what = (
-                f"Kueue Workload of training Job {t.names.job}"
-                if active is not None
-                else f"training Job {t.names.job}"
-            )
             kopf.info(
                 _ftj_body(ftj),
                 reason="Suspending" if t.spec.suspend else "Resuming",
-                message=f"{'Suspended' if t.spec.suspend else 'Resumed'} {what}.",
+                message=_suspend_message(t, kueue=active is not None),
             )
     await sync_status(op, namespace, name, ftj=ftj, job=job, seen=seen)
+
+
+def _suspend_message(t: manifests.Target, *, kueue: bool) -> str:
+    job = t.names.job
+    if not kueue:
+        return f"{'Suspended' if t.spec.suspend else 'Resumed'} training Job {job}."
+    if t.spec.suspend:
+        return f"Deactivated the Kueue Workload of Job {job}: Kueue stops it and frees its quota."
+    queue = t.spec.queue_name
+    return f"Queued Job {job} in LocalQueue {queue}: Kueue starts it once it admits it."
 
 
 async def set_workloads_active(op: Operator, namespace: str, job: Body, active: bool) -> None:

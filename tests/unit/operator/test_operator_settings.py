@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import kopf
 import pytest
 
+from kubetune_operator import __main__ as entry
 from kubetune_operator.settings import (
     OperatorSettings,
     SettingsError,
@@ -94,3 +97,25 @@ def test_kopf_keeps_its_state_in_annotations_under_our_group() -> None:
     assert kopf_settings.scanning.disabled
     assert kopf_settings.posting.reporting_component == "kubetune-operator"
     assert max(kopf_settings.networking.error_backoffs) >= 60  # type: ignore[call-overload,unused-ignore]
+
+
+def _record(message: str) -> logging.LogRecord:
+    return logging.LogRecord(
+        "kopf._core.reactor.observation", logging.WARNING, "", 0, message, (), None
+    )
+
+
+def test_a_missing_kueue_is_reported_as_information_not_as_a_warning() -> None:
+    # Kopf's wording (kopf._core.reactor.observation) for handlers of resources nobody serves.
+    kueue = "Selector(group='kueue.x-k8s.io', version='v1beta2', any_name='workloads')"
+    record = _record(f"Unresolved resources cannot be served (try creating their CRDs): {kueue}")
+    assert entry._KueueIsOptional().filter(record)
+    assert record.levelno == logging.INFO
+    assert record.getMessage().startswith("Kueue is not installed")
+    # Anything else unresolved (the FineTuneJob CRD itself, say) stays a warning.
+    ftj = "Selector(group='kubetune.dev', version='v1alpha1', any_name='finetunejobs')"
+    other = _record(
+        f"Unresolved resources cannot be served (try creating their CRDs): {ftj}, {kueue}"
+    )
+    assert entry._KueueIsOptional().filter(other)
+    assert other.levelno == logging.WARNING
