@@ -290,14 +290,25 @@ def _progress(
     ftj: Body, spec: FineTuneSpec, job: Body, pods: list[Body], *, started: str | None
 ) -> Verdict:
     job_name = job["metadata"]["name"]
-    if not pods:
+    # A pod being deleted (the Job was suspended, or the pod preempted or evicted) is on its way
+    # out whatever its phase says: it is neither the running trainer nor a failed attempt.
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    if not live and pods:
+        return Verdict(
+            "Pending",
+            "PodStopping",
+            f"The training pod {pods[-1]['metadata']['name']} is stopping; Job {job_name} "
+            "starts a new one, which resumes from the last checkpoint.",
+            started=started,
+        )
+    if not live:
         return Verdict(
             "Pending",
             "WaitingForPod",
             f"Job {job_name} was created; waiting for its training pod.",
             started=started,
         )
-    pod = pods[-1]
+    pod = live[-1]
     pod_name = pod["metadata"]["name"]
     phase = _pod_phase(pod)
     if phase == "Running":

@@ -466,3 +466,17 @@ def test_uncounted_failures_count() -> None:
     pending["status"]["uncountedTerminatedPods"] = {"failed": ["uid-1"]}
     result = verdict(served(), pending, [terminated_pod(1, message="boom")])
     assert "Attempt 1 of 3 failed (exit code 1: boom)" in result.message
+
+
+def test_a_pod_being_deleted_is_neither_the_trainer_nor_a_failed_attempt() -> None:
+    # Resumed after a suspend: the old pod (killed, exit 143) is still being deleted.
+    stopping = terminated_pod(143, name="support-lora-train-old")
+    stopping["metadata"]["deletionTimestamp"] = T2
+    result = verdict(served(), job(active=0), [stopping])
+    assert (result.phase, result.reason) == ("Pending", "PodStopping")
+    assert "support-lora-train-old is stopping" in result.message
+    # Its replacement runs: that one is the trainer.
+    fresh = running_pod(name="support-lora-train-new", created=T1)
+    result = verdict(served(), job(), [stopping, fresh])
+    assert (result.phase, result.reason) == ("Running", "TrainerRunning")
+    assert "support-lora-train-new" in result.message
