@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from localenv.kueue import KUEUE_API, KUEUE_NAMESPACE_LABEL, Kueue, running_kueue
 from localenv.testing import Cluster, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,14 @@ RELEASE_NAMESPACE = demo.OPERATOR_NAMESPACE
 
 
 @pytest.fixture(scope="module")
-def installed(cluster: Cluster) -> Iterator[Cluster]:
+def kueue(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
+    """A real Kueue, installed before kubetune as on a platform team's cluster."""
+    with running_kueue(cluster, tmp_path_factory.mktemp("kueue")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, kueue: Kueue) -> Iterator[Cluster]:
     """Assets in S3, the Secret, and the chart installed (then uninstalled at the end)."""
     env = cluster.s3_env
     demo.upload_assets(env)
@@ -40,6 +48,7 @@ def installed(cluster: Cluster) -> Iterator[Cluster]:
     cluster.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=true",
                     timeout=180)  # fmt: skip
     demo.create_secret(env, NAMESPACE)
+    cluster.kubectl("label", "namespace", NAMESPACE, f"{KUEUE_NAMESPACE_LABEL}=enabled")
     # Pods share the host network on the process node: free ports keep this operator clear of
     # anything else listening on the machine (another checkout's cluster, a demo).
     metrics, health = free_ports(2)
@@ -239,6 +248,93 @@ def test_two_gpu_job_trains_data_parallel_with_one_process_per_gpu(installed: Cl
     assert logs.count("x 2 process(es)") == 1, logs[-3000:]
     status = installed.get("ftj", "e2e-ddp", NAMESPACE)["status"]
     assert status["progress"]["step"] == status["progress"]["totalSteps"]
+
+
+def test_queued_job_waits_for_kueue_quota_with_the_reason_then_trains(installed: Cluster) -> None:
+    cluster, flavor, queue = installed, "e2e-default", "e2e-cpus"
+
+    def cluster_queue(cpus: str) -> dict[str, Any]:
+        resources = [
+            {"name": "cpu", "nominalQuota": cpus},
+            {"name": "memory", "nominalQuota": "8Gi"},
+        ]
+        return {
+            "apiVersion": KUEUE_API,
+            "kind": "ClusterQueue",
+            "metadata": {"name": queue},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["cpu", "memory"],
+                        "flavors": [{"name": flavor, "resources": resources}],
+                    }
+                ],
+            },
+        }
+
+    setup = [
+        {"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": flavor}},
+        cluster_queue("0"),  # no room yet
+        {
+            "apiVersion": KUEUE_API,
+            "kind": "LocalQueue",
+            "metadata": {"name": "team-a", "namespace": NAMESPACE},
+            "spec": {"clusterQueue": queue},
+        },
+    ]
+    cluster.kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": setup})
+    )
+    try:
+        apply_example(cluster, "quickstart.yaml", **{
+            "metadata.name": "e2e-queued", "spec.output.uri": "s3://kubetune/e2e/queued/",
+            "spec.queueName": "team-a",
+        })  # fmt: skip
+
+        def waiting_with_reason() -> dict[str, Any] | None:
+            status = cluster.get("ftj", "e2e-queued", NAMESPACE).get("status") or {}
+            quoted = "cpu" in status.get("message", "") and status.get("phase") == "Queued"
+            return status if quoted else None
+
+        status = wait_until(waiting_with_reason, 60, "Kueue's reason in the Queued status")
+        assert status["reason"] == "WaitingForAdmission"
+        # The platform team makes room: Kueue admits the job, which trains as usual.
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(cluster_queue("2")))
+        wait_condition(cluster, "e2e-queued", "Succeeded", 600)
+        assert {"JobCreated", "WaitingForAdmission", "Succeeded"} <= set(
+            events(cluster, "e2e-queued")
+        )
+        workloads = json.loads(
+            cluster.kubectl("get", "workloads.kueue.x-k8s.io", "-n", NAMESPACE, "-o", "json").stdout
+        )["items"]
+        finished = [
+            c["status"]
+            for w in workloads
+            for c in w["status"]["conditions"]
+            if c["type"] == "Finished"
+        ]
+        assert finished == ["True"]
+    finally:
+        # Kueue keeps finalizers on its objects while they are in use: clean up while it runs.
+        cluster.kubectl(
+            "delete", "ftj", "e2e-queued", "-n", NAMESPACE, "--timeout=60s", check=False
+        )
+        cluster.kubectl(
+            "delete",
+            "workloads.kueue.x-k8s.io",
+            "--all",
+            "-n",
+            NAMESPACE,
+            "--timeout=60s",
+            check=False,
+        )
+        for kind, name in (
+            ("localqueue", "team-a"),
+            ("clusterqueue", queue),
+            ("resourceflavor", flavor),
+        ):
+            cluster.kubectl("delete", kind, name, "-n", NAMESPACE, "--timeout=60s", check=False)
 
 
 def test_helm_uninstall_leaves_the_cluster_clean_but_keeps_crds(installed: Cluster) -> None:
