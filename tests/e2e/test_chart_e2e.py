@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from localenv.kueue import KUEUE_API, KUEUE_NAMESPACE_LABEL, Kueue, running_kueue
+from localenv.kueue import KUEUE_NAMESPACE_LABEL, Kueue, running_kueue
 from localenv.testing import Cluster, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -251,45 +251,30 @@ def test_two_gpu_job_trains_data_parallel_with_one_process_per_gpu(installed: Cl
 
 
 def test_queued_job_waits_for_kueue_quota_with_the_reason_then_trains(installed: Cluster) -> None:
-    cluster, flavor, queue = installed, "e2e-default", "e2e-cpus"
+    import yaml  # noqa: PLC0415
 
-    def cluster_queue(cpus: str) -> dict[str, Any]:
-        resources = [
-            {"name": "cpu", "nominalQuota": cpus},
-            {"name": "memory", "nominalQuota": "8Gi"},
-        ]
-        return {
-            "apiVersion": KUEUE_API,
-            "kind": "ClusterQueue",
-            "metadata": {"name": queue},
-            "spec": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}},
-                "resourceGroups": [
-                    {
-                        "coveredResources": ["cpu", "memory"],
-                        "flavors": [{"name": flavor, "resources": resources}],
-                    }
-                ],
-            },
-        }
-
-    setup = [
-        {"apiVersion": KUEUE_API, "kind": "ResourceFlavor", "metadata": {"name": flavor}},
-        cluster_queue("0"),  # no room yet
-        {
-            "apiVersion": KUEUE_API,
-            "kind": "LocalQueue",
-            "metadata": {"name": "team-a", "namespace": NAMESPACE},
-            "spec": {"clusterQueue": queue},
-        },
-    ]
-    cluster.kubectl(
-        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": setup})
+    cluster = installed
+    flavor, queue, local_queue = yaml.safe_load_all(
+        (ROOT / "examples/kueue-queues.yaml").read_text()
     )
+
+    def with_cpus(cpus: str) -> dict[str, Any]:
+        # The example's ClusterQueue, limited to this test's namespace and to `cpus` CPUs.
+        limited = json.loads(json.dumps(queue))
+        limited["spec"]["namespaceSelector"] = {
+            "matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}
+        }
+        for resource in limited["spec"]["resourceGroups"][0]["flavors"][0]["resources"]:
+            if resource["name"] == "cpu":
+                resource["nominalQuota"] = cpus
+        return limited
+
+    setup = {"apiVersion": "v1", "kind": "List", "items": [flavor, with_cpus("0"), local_queue]}
+    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(setup))
     try:
         apply_example(cluster, "quickstart.yaml", **{
             "metadata.name": "e2e-queued", "spec.output.uri": "s3://kubetune/e2e/queued/",
-            "spec.queueName": "team-a",
+            "spec.queueName": local_queue["metadata"]["name"],
         })  # fmt: skip
 
         def waiting_with_reason() -> dict[str, Any] | None:
@@ -300,39 +285,26 @@ def test_queued_job_waits_for_kueue_quota_with_the_reason_then_trains(installed:
         status = wait_until(waiting_with_reason, 60, "Kueue's reason in the Queued status")
         assert status["reason"] == "WaitingForAdmission"
         # The platform team makes room: Kueue admits the job, which trains as usual.
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(cluster_queue("2")))
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(with_cpus("2")))
         wait_condition(cluster, "e2e-queued", "Succeeded", 600)
-        assert {"JobCreated", "WaitingForAdmission", "Succeeded"} <= set(
-            events(cluster, "e2e-queued")
-        )
-        workloads = json.loads(
-            cluster.kubectl("get", "workloads.kueue.x-k8s.io", "-n", NAMESPACE, "-o", "json").stdout
-        )["items"]
+        reasons = set(events(cluster, "e2e-queued"))
+        assert {"JobCreated", "WaitingForAdmission", "Succeeded"} <= reasons
+        out = cluster.kubectl("get", "workloads.kueue.x-k8s.io", "-n", NAMESPACE, "-o", "json")
         finished = [
             c["status"]
-            for w in workloads
+            for w in json.loads(out.stdout)["items"]
             for c in w["status"]["conditions"]
             if c["type"] == "Finished"
         ]
         assert finished == ["True"]
     finally:
         # Kueue keeps finalizers on its objects while they are in use: clean up while it runs.
-        cluster.kubectl(
-            "delete", "ftj", "e2e-queued", "-n", NAMESPACE, "--timeout=60s", check=False
-        )
-        cluster.kubectl(
-            "delete",
-            "workloads.kueue.x-k8s.io",
-            "--all",
-            "-n",
-            NAMESPACE,
-            "--timeout=60s",
-            check=False,
-        )
         for kind, name in (
-            ("localqueue", "team-a"),
-            ("clusterqueue", queue),
-            ("resourceflavor", flavor),
+            ("ftj", "e2e-queued"),
+            ("workloads.kueue.x-k8s.io", "--all"),
+            ("localqueue", local_queue["metadata"]["name"]),
+            ("clusterqueue", queue["metadata"]["name"]),
+            ("resourceflavor", flavor["metadata"]["name"]),
         ):
             cluster.kubectl("delete", kind, name, "-n", NAMESPACE, "--timeout=60s", check=False)
 
