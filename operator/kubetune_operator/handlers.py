@@ -126,7 +126,7 @@ def _seen(kwargs: Mapping[str, Any]) -> reconcile.Observed:
         ftjs=kwargs["ftj_index"],
         jobs=kwargs["job_index"],
         pods=kwargs["pod_index"],
-        workloads=kwargs.get("workload_index") or {},
+        workloads=kwargs["workload_index"],
     )
 
 

@@ -525,7 +525,7 @@ def suspend_patch(spec: FineTuneSpec, job_body: Mapping[str, Any]) -> Body | Non
     suspended = bool((job_body.get("spec") or {}).get("suspend"))
     label = ((job_body.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
     if spec.suspend:
-        if queued_by_kueue(job_body) or suspended:
+        if label is not None or suspended:  # Kueue's Job: see workload_active
             return None
         return {"spec": {"suspend": True}}
     if spec.queue_name is not None:

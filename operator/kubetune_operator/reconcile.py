@@ -292,14 +292,13 @@ async def set_workloads_active(op: Operator, namespace: str, job: Body, active: 
 async def hold_kueue_suspension(op: Operator, namespace: str, name: str, seen: Observed) -> None:
     """Kueue may admit and start a queued Job whose FineTuneJob was suspended before Kueue
     created its Workload (or before the deactivation reached it): deactivate it again."""
+    # Runs on every Job event: read the two fields from the indices, parse nothing.
     ftj = seen.ftj(namespace, name)
-    if ftj is None or validation.spec_error(ftj) is not None:
+    if ftj is None or not (ftj.get("spec") or {}).get("suspend"):
         return
-    t = manifests.target(ftj, op.settings)
-    job = seen.job(namespace, name, t.uid)
+    job = seen.job(namespace, name, ftj["metadata"]["uid"])
     if (
         job is not None
-        and t.spec.suspend
         and manifests.queued_by_kueue(job)
         and not (job.get("spec") or {}).get("suspend")
     ):
