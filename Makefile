@@ -4,12 +4,17 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Extra pip arguments, e.g. a CPU-only torch wheel index elsewhere:
-#   make venv PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+# .venv installs the hashed lock requirements/dev.txt (make lock writes it from pyproject.toml).
+#   make venv VARIANT=cpu    the same lock without triton and the cuda-* bindings (1 GB less;
+#                            only GPU code paths load them; requirements/variant.awk)
+#   make venv LOCKED=0       pyproject.toml's ranges instead, e.g. with a CPU-only torch index:
+#                            PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
+VARIANT ?= cuda
+LOCKED ?= 1
 PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv binaries cluster-up cluster-down cluster-status lint test demo crds chart bench
+.PHONY: help venv lock binaries cluster-up cluster-down cluster-status lint test demo crds chart bench
 
 help:
 	@echo "make demo          local cluster + S3, the chart, and the quickstart FineTuneJob end to end"
@@ -18,14 +23,35 @@ help:
 	@echo "make cluster-down  stop them and forget their state"
 	@echo "make bench         CPU benchmarks (start-up, S3, operator scale, trainer) -> docs/benchmarks/"
 	@echo "make crds          regenerate crds/kubetune.dev_finetunejobs.yaml from the pydantic models"
+	@echo "make lock          regenerate the hashed dependency locks requirements/*.txt"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+ifeq ($(LOCKED),1)
+	awk -v variant=$(VARIANT) -f requirements/variant.awk requirements/dev.txt > $(VENV)/lock.txt
+	$(PY) -m pip install --quiet $(PIP_ARGS) --require-hashes \
+		$(if $(filter cpu,$(VARIANT)),--no-deps) -r $(VENV)/lock.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+else
 	$(PY) -m pip install --quiet $(PIP_ARGS) -e '.[operator,trainer,dev]'
+endif
 	@touch $@
 
 venv: $(VENV)/.installed
+
+# One hashed lock per install set, all from pyproject.toml's ranges: requirements/dev.txt (.venv),
+# operator.txt and trainer.txt (the images), the image locks constrained to the dev lock's pins so
+# the images run what the tests ran. Universal (Python 3.11-3.13, any platform: the CUDA image has
+# Python 3.12), one version per package where possible. Existing pins are kept unless the ranges
+# force a change; to update: make lock LOCK_ARGS=--upgrade (or "--upgrade-package transformers").
+LOCK_ARGS ?=
+UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	--fork-strategy fewest --generate-hashes --quiet $(LOCK_ARGS)
+lock: venv
+	$(UV_COMPILE) --extra operator --extra trainer --extra dev -o requirements/dev.txt
+	$(UV_COMPILE) --extra operator -c requirements/dev.txt -o requirements/operator.txt
+	$(UV_COMPILE) --extra trainer -c requirements/dev.txt -o requirements/trainer.txt
 
 binaries:
 	bash tests/localenv/build-binaries.sh
