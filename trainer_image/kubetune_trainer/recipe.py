@@ -127,6 +127,7 @@ from kubetune_trainer.reporting import (
     log_every,
 )
 from kubetune_trainer.storage import Storage, StorageError
+from kubetune_trainer.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,8 @@ class FineTuneRecipe:
 
     def _setup_storage(self) -> None:
         self.storage = Storage.from_trainer_config(self.config, env=self.env)
+        # The history of progress reports (training_log.py), next to the output; rank 0 only.
+        self.training_log = TrainingLog(self.storage, self.spec.output.uri, enabled=self.is_main)
 
     def _fetch(self, uri: str, name: str, revision: str | None = None) -> Path:
         return self.storage.fetch(uri, self.work_dir / name, revision=revision)
@@ -751,6 +754,15 @@ class FineTuneRecipe:
                 peak_gpu_memory_bytes=memory if self.device.type == "cuda" else None,
             ),
         )
+        self.training_log.train(
+            step=state.step,
+            total_steps=self.plan.total_steps,
+            epoch=snapshot.epoch,
+            train_loss=snapshot.loss,
+            learning_rate=lr,
+            tokens_per_second=rate,
+            tokens_seen=state.tokens_seen,
+        )
 
     # ------------------------------------------------------------------------- checkpoint
 
@@ -862,6 +874,13 @@ class FineTuneRecipe:
                 bleu=report.fine_tuned.bleu,
             ),
             urgent=True,
+        )
+        self.training_log.evaluation(
+            step=self.state.step,
+            eval_loss=report.fine_tuned.loss,
+            perplexity=report.fine_tuned.perplexity,
+            base_eval_loss=report.base.loss,
+            base_perplexity=report.base.perplexity,
         )
         return report
 
