@@ -41,6 +41,9 @@ from kubetune_trainer.api import GROUP, PLURAL, VERSION
 FTJ = (GROUP, VERSION, PLURAL)
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
 KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
+# The Job controller tries to create the pod at once, and posts FailedCreate when it cannot.
+POD_CHECK_DELAY = 3.0
+POD_CHECK_INTERVAL = 15.0
 
 
 def _ftj(body: kopf.Body) -> dict[str, Any]:
@@ -157,6 +160,28 @@ async def spec_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
 async def suspend_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     async with metrics.timed("suspend"):
         await reconcile.apply_suspend(_operator(memo), _ftj(body), _seen(kwargs))
+
+
+# spec.cancel suspends the Job for good (the phase becomes Cancelled).
+@kopf.on.update(*FTJ, field="spec.cancel")
+async def cancel_changed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    async with metrics.timed("cancel"):
+        await reconcile.apply_suspend(_operator(memo), _ftj(body), _seen(kwargs))
+
+
+def _waiting_for_pod(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == "Pending" and status.get("reason") == "WaitingForPod"
+
+
+# Only while a job waits for its pod (a timer per such job, none otherwise): a Job whose pod
+# cannot be created leaves no trace but a FailedCreate Event, which this puts into the status.
+@kopf.timer(*FTJ, interval=POD_CHECK_INTERVAL, initial_delay=POD_CHECK_DELAY, when=_waiting_for_pod)
+async def pod_creation_check(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    meta = body.metadata
+    async with metrics.timed("pod-check"):
+        await reconcile.check_pod_creation(
+            _operator(memo), meta.namespace or "", meta.name or "", _seen(kwargs)
+        )
 
 
 @kopf.on.delete(*FTJ, optional=True)

@@ -13,8 +13,8 @@ Error policy, so that handlers stay free of try/except:
 - 401 logs in again (a rotated ServiceAccount token) and retries once;
 - 429, 5xx and connection problems raise kopf.TemporaryError with a delay (Retry-After when the
   server sends one), so Kopf retries the handler later instead of hammering the API server;
-- 403 also becomes a TemporaryError, with a long delay and a message naming the missing
-  permission: RBAC may be fixed while the operator runs;
+- 403 becomes Forbidden, a TemporaryError with a long delay: a quota may free up, and a
+  policy or the RBAC may be fixed while the operator runs;
 - anything else (400, 422: a bug in a builder) is a kopf.PermanentError.
 """
 
@@ -203,8 +203,16 @@ class Kube:
         except _NotFound:
             return None
 
-    async def list(self, api_path: str, *, label_selector: str | None = None) -> list[Body]:
+    async def list(
+        self,
+        api_path: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[Body]:
         query = {"labelSelector": label_selector} if label_selector else {}
+        if field_selector:
+            query["fieldSelector"] = field_selector
         try:
             listing = await self.request("GET", api_path, query=query)
         except _NotFound:
@@ -241,11 +249,23 @@ class _Conflict(kopf.PermanentError):
 
 
 class ApiError(kopf.PermanentError):
-    """A request the API server rejected for good (a bug, or an invalid object)."""
+    """A request the API server rejected for good (a bug, or an invalid object). `detail` is
+    the API server's own message, for a status a user reads."""
 
-    def __init__(self, message: str, status: int | None) -> None:
+    def __init__(self, message: str, status: int | None, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.detail = detail or message
+
+
+class Forbidden(kopf.TemporaryError):
+    """403: RBAC, an admission webhook or policy, or a ResourceQuota refused the request. Kopf
+    retries it later (a quota frees up, a policy or the RBAC is fixed)."""
+
+    def __init__(self, message: str, detail: str, delay: float) -> None:
+        super().__init__(message, delay=delay)
+        self.status = 403
+        self.detail = detail
 
 
 def _translate(
@@ -257,7 +277,8 @@ def _translate(
     reason: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> Exception:
-    what = f"{method} {api_path}: {describe(status, reason, text)}"
+    detail = describe(status, reason, text)
+    what = f"{method} {api_path}: {detail}"
     if status == 404:
         return _NotFound(what)
     if status == 409 and method == "POST":
@@ -265,10 +286,12 @@ def _translate(
     if status in _RETRYABLE:
         return kopf.TemporaryError(what, delay=_retry_after(headers or {}) or _DEFAULT_DELAY)
     if status == 403:
-        return kopf.TemporaryError(
-            f"{what} (the operator's RBAC lacks this permission: see the chart's ClusterRole)",
+        return Forbidden(
+            f"{what} (a quota, an admission policy, or the operator's RBAC: see the chart's "
+            "rbac.yaml)",
+            detail,
             delay=_FORBIDDEN_DELAY,
         )
     if status == 409:  # a conflicting update: retry with fresh data
         return kopf.TemporaryError(what, delay=1)
-    return ApiError(what, status)
+    return ApiError(what, status, detail)

@@ -307,9 +307,14 @@ def _claim(uri: str) -> str:
     return uri.removeprefix("pvc://").split("/", 1)[0]
 
 
+def halted(spec: FineTuneSpec) -> bool:
+    """Whether the training pod must not run: suspended (for now) or cancelled (for good)."""
+    return spec.suspend or spec.cancel
+
+
 def job_suspended(spec: FineTuneSpec) -> bool:
     """Suspend at creation when asked to, or when Kueue must admit the Job first."""
-    return spec.suspend or spec.queue_name is not None
+    return halted(spec) or spec.queue_name is not None
 
 
 def _resources(spec: FineTuneSpec) -> Body:
@@ -347,14 +352,20 @@ def _env(spec: FineTuneSpec) -> list[Body]:
     return env
 
 
+# Size limits of the scratch volumes other than /workspace (spec.resources.scratchSize): a
+# runaway writer is evicted instead of filling the node's disk or memory.
+TMP_SIZE_LIMIT = "4Gi"  # Python, torch and Triton temporary files
+SHM_SIZE_LIMIT = "2Gi"  # NCCL's shared-memory transport; counts against the memory limit
+
+
 def _volumes(t: Target) -> tuple[list[Body], list[Body]]:
     volumes: list[Body] = [
         {"name": "config", "configMap": {"name": t.names.config_map}},
-        {"name": "work", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        {"name": "work", "emptyDir": {"sizeLimit": t.spec.resources.scratch_size}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
         # PyTorch data-loader workers and NCCL exchange tensors through /dev/shm, which is
         # only 64 MiB in a container by default.
-        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}},
     ]
     mounts: list[Body] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -406,7 +417,7 @@ def job(t: Target, settings: OperatorSettings) -> Body:
     spec = t.spec
     volumes, mounts = _volumes(t)
     job_labels = labels(t)
-    if spec.queue_name and not spec.suspend:
+    if spec.queue_name and not halted(spec):
         # Suspended at creation: Kueue must not see the Job yet (it would admit and start it);
         # resuming adds the label (suspend_patch).
         job_labels[KUEUE_QUEUE_LABEL] = spec.queue_name
@@ -432,6 +443,9 @@ def job(t: Target, settings: OperatorSettings) -> Body:
     }
     pod_spec: Body = {
         "restartPolicy": "Never",  # retries are new pods, counted by backoffLimit
+        # SIGTERM (suspend, preemption, drain) makes the trainer checkpoint and exit; this is
+        # how long it has before SIGKILL.
+        "terminationGracePeriodSeconds": spec.checkpointing.grace_period_seconds,
         "serviceAccountName": t.names.service_account,
         "automountServiceAccountToken": True,  # the trainer reports status with this token
         "enableServiceLinks": False,
@@ -469,6 +483,9 @@ def job(t: Target, settings: OperatorSettings) -> Body:
     timeout = spec.timeout_seconds()
     if timeout is not None:
         job_spec["activeDeadlineSeconds"] = timeout
+    # The finished Job and its pods go after a while; the FineTuneJob keeps its status and the
+    # output (a terminal phase is final, so the Job's absence then changes nothing).
+    job_spec["ttlSecondsAfterFinished"] = settings.job_ttl_seconds
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -498,13 +515,13 @@ def creation_stages(t: Target, settings: OperatorSettings) -> list[list[Body]]:
 def job_settings_patch(t: Target) -> Body:
     """Merge patch carrying the settings that may change while the Job exists.
 
-    maxRetries, timeout and queueName stay mutable after training started (api.py
-    MUTABLE_AFTER_START); suspend has its own patch (suspend_patch), because Kueue owns it.
-    While spec.suspend is true the queue label is left alone: resuming sets it.
+    maxRetries, timeout and queueName stay mutable once the Job exists (api.py MUTABLE_FIELDS);
+    suspend and cancel have their own patch (suspend_patch), because Kueue owns suspend.
+    While the job is halted the queue label is left alone: resuming sets it.
     """
     timeout = t.spec.timeout_seconds()
     patch: Body = {"spec": {"backoffLimit": t.spec.max_retries, "activeDeadlineSeconds": timeout}}
-    if not t.spec.suspend:
+    if not halted(t.spec):
         patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: t.spec.queue_name}}
     return patch
 
@@ -515,7 +532,8 @@ def queued_by_kueue(job_body: Mapping[str, Any]) -> bool:
 
 
 def suspend_patch(spec: FineTuneSpec, job_body: Mapping[str, Any]) -> Body | None:
-    """The Job patch that makes it follow spec.suspend, or None when nothing is to change.
+    """The Job patch that makes it follow spec.suspend (and spec.cancel, which suspends it for
+    good), or None when nothing is to change.
 
     Kueue owns spec.suspend of the Jobs it manages: it unsuspends any Job whose Workload is
     admitted, whoever suspended it. So for a queued Job suspending means deactivating its
@@ -524,7 +542,7 @@ def suspend_patch(spec: FineTuneSpec, job_body: Mapping[str, Any]) -> Body | Non
     """
     suspended = bool((job_body.get("spec") or {}).get("suspend"))
     label = ((job_body.get("metadata") or {}).get("labels") or {}).get(KUEUE_QUEUE_LABEL)
-    if spec.suspend:
+    if halted(spec):
         if label is not None or suspended:  # Kueue's Job: see workload_active
             return None
         return {"spec": {"suspend": True}}
@@ -542,7 +560,7 @@ def suspend_patch(spec: FineTuneSpec, job_body: Mapping[str, Any]) -> Body | Non
 
 def workload_active(spec: FineTuneSpec, job_body: Mapping[str, Any]) -> bool | None:
     """The spec.active the Job's Kueue Workloads must have, or None when Kueue does not
-    manage the Job: inactive while spec.suspend is true."""
+    manage the Job: inactive while the job is suspended or cancelled."""
     if not queued_by_kueue(job_body):
         return None
-    return not spec.suspend
+    return not halted(spec)

@@ -139,6 +139,19 @@ def job_pods(pods: Iterable[Body], job_uid: str) -> list[Body]:
     return out
 
 
+def event_time(event: Body) -> str:
+    """When an Event (core/v1) last happened, as a sortable RFC 3339 string."""
+    meta = event.get("metadata") or {}
+    series = event.get("series") or {}
+    return str(
+        series.get("lastObservedTime")
+        or event.get("lastTimestamp")
+        or event.get("eventTime")
+        or meta.get("creationTimestamp")
+        or ""
+    )
+
+
 def owned_status(status: Body | None) -> dict[str, Any]:
     return {key: (status or {})[key] for key in OWNED_FIELDS if key in (status or {})}
 

@@ -23,9 +23,9 @@ from typing import Any, Final, cast
 import kopf
 
 from kubetune_operator import manifests, metrics, observed, status, validation
-from kubetune_operator.kube import ApiError, Kube, path
+from kubetune_operator.kube import ApiError, Forbidden, Kube, path
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.api import API_VERSION, PLURAL
+from kubetune_trainer.api import API_VERSION, PLURAL, FineTuneSpec
 from kubetune_trainer.config import CONFIG_KEY
 
 Body = Mapping[str, Any]
@@ -36,6 +36,8 @@ KUEUE_API = "kueue.x-k8s.io/v1beta2"
 CLAIM_RETRY_SECONDS = 30
 # A child that belongs to an earlier FineTuneJob of the same name is being garbage-collected.
 ADOPTION_RETRY_SECONDS = 5
+# A child the API server refused with 403 (a quota, an admission policy) is tried again.
+FORBIDDEN_RETRY_SECONDS = 30
 # FineTuneJobs whose children are being created at the same time; the others wait their turn
 # (first come, first served). A burst of FineTuneJobs then finishes in the order it came, each
 # quickly, instead of all of them slowly; and only this many responses are held in memory.
@@ -53,6 +55,9 @@ class Operator:
         default_factory=lambda: asyncio.Semaphore(CREATE_CONCURRENCY)
     )
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # Why the Job controller cannot create a job's pod (its FailedCreate Event), keyed by
+    # FineTuneJob, with the Job's uid: found by check_pod_creation, dropped once a pod exists.
+    pod_blockers: dict[tuple[str, str], tuple[str, status.Blocker]] = field(default_factory=dict)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """One status computation at a time per FineTuneJob: the last patch sent is always
@@ -65,6 +70,7 @@ class Operator:
         lock = self._locks.get((namespace, name))
         if lock is not None and not lock.locked():
             del self._locks[(namespace, name)]
+        self.pod_blockers.pop((namespace, name), None)
         self.written.forget(namespace, name)
 
 
@@ -173,7 +179,8 @@ async def _ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
         await sync_status(op, namespace, name, ftj=ftj, seen=seen)
         raise kopf.PermanentError(f"invalid spec: {error}")
     current = (op.written.latest(ftj, time.monotonic()).get("status")) or {}
-    if current.get("phase") in status.TERMINAL:
+    assert parsed is not None  # error is None
+    if current.get("phase") in status.TERMINAL or (parsed.cancel and not current.get("jobName")):
         await sync_status(op, namespace, name, ftj=ftj, seen=seen)
         return  # finished jobs never run again, even if a child was deleted since
     t = manifests.target(ftj, op.settings, parsed)
@@ -183,24 +190,57 @@ async def _ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
         await sync_status(op, namespace, name, ftj=ftj, seen=seen, blocker=blocker)
         raise kopf.TemporaryError(blocker.message, delay=CLAIM_RETRY_SECONDS)
     *before_job, (job_manifest,) = manifests.creation_stages(t, op.settings)
-    for stage in before_job:
-        results = await asyncio.gather(*(op.kube.create(child) for child in stage))
-        for child, (obj, _created) in zip(stage, results, strict=True):
-            _check_owner(child, obj, uid)
     job: Body | _Unknown | None = UNKNOWN
-    if not current.get("jobName"):
-        # Once the Job existed, its absence means it was deleted, which cancels the job
-        # (status.py); recreating it would silently start training over.
-        obj, created = await op.kube.create(job_manifest)
-        _check_owner(job_manifest, obj, uid)
-        job = observed.slim_job(obj)
-        if created:
-            kopf.info(
-                _ftj_body(ftj),
-                reason="JobCreated",
-                message=f"Created training Job {job_manifest['metadata']['name']}.",
-            )
+    try:
+        for stage in before_job:
+            await asyncio.gather(*(_create(op, child, uid) for child in stage))
+        if not current.get("jobName"):
+            # Once the Job existed, its absence means it was deleted, which cancels the job
+            # (status.py); recreating it would silently start training over.
+            obj, created = await _create(op, job_manifest, uid)
+            job = observed.slim_job(obj)
+            if created:
+                kopf.info(
+                    _ftj_body(ftj),
+                    reason="JobCreated",
+                    message=f"Created training Job {job_manifest['metadata']['name']}.",
+                )
+    except _Refused as refused:
+        # Said in the status and a Warning Event at once, not only in the operator's log.
+        blocker = refused.blocker(namespace)
+        await sync_status(op, namespace, name, ftj=ftj, seen=seen, blocker=blocker)
+        if blocker.phase == "Failed":
+            raise kopf.PermanentError(blocker.message) from refused
+        raise kopf.TemporaryError(blocker.message, delay=FORBIDDEN_RETRY_SECONDS) from refused
     await sync_status(op, namespace, name, ftj=ftj, job=job, seen=seen)
+
+
+class _Refused(Exception):
+    """The API server refused to create a child (see status.creation_blocker)."""
+
+    def __init__(self, child: Body, error: ApiError | Forbidden) -> None:
+        super().__init__(str(error))
+        self.child = child
+        self.error = error
+
+    def blocker(self, namespace: str) -> status.Blocker:
+        return status.creation_blocker(
+            self.child["kind"],
+            self.child["metadata"]["name"],
+            namespace,
+            self.error.status,
+            self.error.detail,
+        )
+
+
+async def _create(op: Operator, child: Body, uid: str) -> tuple[Body, bool]:
+    """Create a child (or find it), check it is ours; a refusal becomes _Refused."""
+    try:
+        obj, created = await op.kube.create(child)
+    except (ApiError, Forbidden) as err:
+        raise _Refused(child, err) from err
+    _check_owner(child, obj, uid)
+    return obj, created
 
 
 def _check_owner(child: Body, obj: Body, uid: str) -> None:
@@ -259,17 +299,22 @@ async def apply_suspend(op: Operator, ftj: Body, seen: Observed) -> None:
         if patch is not None or active is not None:
             kopf.info(
                 _ftj_body(ftj),
-                reason="Suspending" if t.spec.suspend else "Resuming",
+                reason=_suspend_reason(t.spec),
                 message=_suspend_message(t, kueue=active is not None),
             )
     await sync_status(op, namespace, name, ftj=ftj, job=job, seen=seen)
 
 
+def _suspend_reason(spec: FineTuneSpec) -> str:
+    return "Cancelling" if spec.cancel else "Suspending" if spec.suspend else "Resuming"
+
+
 def _suspend_message(t: manifests.Target, *, kueue: bool) -> str:
     job = t.names.job
+    halted = manifests.halted(t.spec)
     if not kueue:
-        return f"{'Suspended' if t.spec.suspend else 'Resumed'} training Job {job}."
-    if t.spec.suspend:
+        return f"{'Suspended' if halted else 'Resumed'} training Job {job}."
+    if halted:
         return f"Deactivated the Kueue Workload of Job {job}: Kueue stops it and frees its quota."
     queue = t.spec.queue_name
     return f"Queued Job {job} in LocalQueue {queue}: Kueue starts it once it admits it."
@@ -290,11 +335,13 @@ async def set_workloads_active(op: Operator, namespace: str, job: Body, active: 
 
 
 async def hold_kueue_suspension(op: Operator, namespace: str, name: str, seen: Observed) -> None:
-    """Kueue may admit and start a queued Job whose FineTuneJob was suspended before Kueue
-    created its Workload (or before the deactivation reached it): deactivate it again."""
-    # Runs on every Job event: read the two fields from the indices, parse nothing.
+    """Kueue may admit and start a queued Job whose FineTuneJob was suspended (or cancelled)
+    before Kueue created its Workload (or before the deactivation reached it): deactivate it
+    again."""
+    # Runs on every Job event: read the fields from the indices, parse nothing.
     ftj = seen.ftj(namespace, name)
-    if ftj is None or not (ftj.get("spec") or {}).get("suspend"):
+    spec = (ftj or {}).get("spec") or {}
+    if ftj is None or not (spec.get("suspend") or spec.get("cancel")):
         return
     job = seen.job(namespace, name, ftj["metadata"]["uid"])
     if (
@@ -353,6 +400,11 @@ async def sync_status(
                 # LIST per failed job).
                 selector = f"batch.kubernetes.io/controller-uid={job_uid}"
                 pods = await op.kube.list(path("v1", "pods", namespace), label_selector=selector)
+            remembered = op.pod_blockers.get((namespace, name))
+            if pods or (remembered is not None and remembered[0] != job_uid):
+                op.pod_blockers.pop((namespace, name), None)  # a pod exists now
+            elif remembered is not None and blocker is None:
+                blocker = remembered[1]
         verdict, patch = status.status_patch(
             ftj,
             job,
@@ -371,6 +423,31 @@ async def sync_status(
                 op.written.remember(response, time.monotonic())
         _announce(ftj, verdict)
         return verdict
+
+
+async def check_pod_creation(op: Operator, namespace: str, name: str, seen: Observed) -> None:
+    """A Job that creates no pod says why only in a FailedCreate Event (a ResourceQuota, a
+    missing PriorityClass, Pod Security admission): put that into the status (one LIST of the
+    Job's Events; called by a timer while a job waits for its pod)."""
+    ftj = seen.ftj(namespace, name)
+    job = None if ftj is None else seen.job(namespace, name, ftj["metadata"]["uid"])
+    if job is None or (job.get("spec") or {}).get("suspend"):
+        return
+    job_uid = job["metadata"]["uid"]
+    if seen.job_pods(namespace, name, job_uid):
+        return
+    events = await op.kube.list(
+        path("v1", "events", namespace),
+        field_selector=f"involvedObject.uid={job_uid},reason=FailedCreate",
+    )
+    if not events:
+        return
+    latest = max(events, key=observed.event_time)
+    blocker = status.pod_creation_blocker(
+        job["metadata"]["name"], namespace, str(latest.get("message") or "").strip()
+    )
+    op.pod_blockers[(namespace, name)] = (job_uid, blocker)
+    await sync_status(op, namespace, name, seen=seen)
 
 
 def _announce(ftj: Body, verdict: status.Verdict) -> None:

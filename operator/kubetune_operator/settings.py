@@ -75,6 +75,16 @@ class OperatorSettings(BaseModel):
             "clusters whose GPUs are advertised under another name (amd.com/gpu, a MIG slice)."
         ),
     )
+    job_ttl_seconds: int = Field(
+        default=86400,
+        ge=0,
+        le=2**31 - 1,
+        description=(
+            "Seconds a finished training Job and its pods are kept (ttlSecondsAfterFinished; "
+            "`kubectl logs job/...` works until then); the FineTuneJob keeps its status and "
+            "output. 0: removed as soon as they finish."
+        ),
+    )
     namespaces: tuple[str, ...] = Field(
         default=(),
         description="Namespaces to watch (comma-separated); empty: the whole cluster.",

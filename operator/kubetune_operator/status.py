@@ -53,6 +53,11 @@ PROBLEMS: Final = frozenset(
         "InvalidImageName",
         "Retrying",
         "PVCNotFound",
+        "QuotaExceeded",
+        "Forbidden",
+        "PriorityClassNotFound",
+        "PodSecurityViolation",
+        "PodCreateFailed",
     }
 )
 IMAGE_PULL_REASONS: Final = frozenset(
@@ -78,10 +83,78 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Blocker:
-    """Why the operator has not created the Job yet (e.g. a missing PVC)."""
+    """Why there is no training pod: the operator could not create the Job (a missing PVC, a
+    quota, an admission policy: `creation_blocker`), or the Job controller cannot create its
+    pod (`pod_creation_blocker`). Pending while it may clear by itself; Failed when the API
+    server rejected what the spec asks for."""
 
     reason: str
     message: str
+    phase: Phase = "Pending"
+
+
+def creation_blocker(
+    kind: str, name: str, namespace: str, status: int | None, detail: str
+) -> Blocker:
+    """The API server refused to create one of the FineTuneJob's children: 403 (a quota, an
+    admission policy or webhook, RBAC) may clear, so the job stays Pending and the operator
+    retries; anything else will not, so the job fails."""
+    what = f"Cannot create {kind} {name} in namespace {namespace}: {detail}"
+    if status in (400, 422):
+        # The spec asks for something the API server will never accept: retrying cannot help.
+        return Blocker(
+            "InvalidSpec",
+            _clip(f"{what}. Fix the FineTuneJob's spec and create it again."),
+            phase="Failed",
+        )
+    if status != 403:
+        return Blocker(
+            "CreateFailed",
+            _clip(f"{what}. This looks like a kubetune-operator bug: please report it."),
+            phase="Failed",
+        )
+    if "exceeded quota" in detail:
+        return Blocker(
+            "QuotaExceeded",
+            _clip(
+                f"{what}. Free quota in namespace {namespace} or raise its ResourceQuota; the "
+                "operator retries until it fits."
+            ),
+        )
+    return Blocker(
+        "Forbidden",
+        _clip(
+            f"{what}. An admission policy or webhook refused it, or the operator lacks a "
+            "permission (see the chart's RBAC); the operator retries."
+        ),
+    )
+
+
+def pod_creation_blocker(job_name: str, namespace: str, detail: str) -> Blocker:
+    """The Job controller cannot create the training pod (its FailedCreate Event)."""
+    what = f"Job {job_name} cannot create its training pod: {detail}"
+    if "exceeded quota" in detail:
+        return Blocker(
+            "QuotaExceeded",
+            _clip(
+                f"{what}. Free quota in namespace {namespace} or raise its ResourceQuota; the "
+                "Job controller retries, so the pod starts once it fits."
+            ),
+        )
+    if "no PriorityClass with name" in detail:
+        return Blocker(
+            "PriorityClassNotFound",
+            _clip(
+                f"{what}. Create the PriorityClass or change spec.resources.priorityClassName "
+                "(recreate the FineTuneJob); the pod starts once the PriorityClass exists."
+            ),
+        )
+    if "violates PodSecurity" in detail:
+        return Blocker(
+            "PodSecurityViolation",
+            _clip(f"{what}. The namespace's Pod Security level forbids the training pod."),
+        )
+    return Blocker("PodCreateFailed", _clip(f"{what}."))
 
 
 def rfc3339(moment: datetime) -> str:
@@ -205,13 +278,25 @@ def _assess(
             "The FineTuneJob is being deleted: its training pod is stopped and its Job removed.",
         )
     if job is None:
+        if spec.cancel:
+            return _cancelled(spec, None)
         return _without_job(status, blocker)
-    return _with_job(ftj, spec, job, _by_age(pods), workload)
+    return _with_job(ftj, spec, job, _by_age(pods), workload, blocker)
+
+
+def _cancelled(spec: FineTuneSpec, started: str | None) -> Verdict:
+    return Verdict(
+        "Cancelled",
+        "CancelRequested",
+        "spec.cancel is true: the training pod was stopped and the job will not run again; "
+        f"anything it published stays under {spec.output.uri}.",
+        started=started,
+    )
 
 
 def _without_job(status: Body, blocker: Blocker | None) -> Verdict:
     if blocker is not None:
-        return Verdict("Pending", blocker.reason, _clip(blocker.message))
+        return Verdict(blocker.phase, blocker.reason, _clip(blocker.message))
     if status.get("jobName"):
         return Verdict(
             "Cancelled",
@@ -225,8 +310,13 @@ def _without_job(status: Body, blocker: Blocker | None) -> Verdict:
     return Verdict("Pending", "Creating", "Creating the training Job.")
 
 
-def _with_job(
-    ftj: Body, spec: FineTuneSpec, job: Body, pods: list[Body], workload: Body | None
+def _with_job(  # noqa: PLR0917 - the observations, as _assess reads them
+    ftj: Body,
+    spec: FineTuneSpec,
+    job: Body,
+    pods: list[Body],
+    workload: Body | None,
+    blocker: Blocker | None,
 ) -> Verdict:
     started = _started(pods)
     succeeded = _true_condition(job, "Complete", "SuccessCriteriaMet")
@@ -251,9 +341,11 @@ def _with_job(
             started=started,
             finished=failed.get("lastTransitionTime"),
         )
+    if spec.cancel:
+        return _cancelled(spec, started)
     if (job.get("spec") or {}).get("suspend"):
         return _suspended(spec, started, workload)
-    return _progress(ftj, spec, job, pods, started=started)
+    return _progress(ftj, spec, job, pods, started=started, blocker=blocker)
 
 
 def _suspended(spec: FineTuneSpec, started: str | None, workload: Body | None) -> Verdict:
@@ -287,7 +379,13 @@ def _not_admitted_because(workload: Body | None) -> str | None:
 
 
 def _progress(
-    ftj: Body, spec: FineTuneSpec, job: Body, pods: list[Body], *, started: str | None
+    ftj: Body,
+    spec: FineTuneSpec,
+    job: Body,
+    pods: list[Body],
+    *,
+    started: str | None,
+    blocker: Blocker | None,
 ) -> Verdict:
     job_name = job["metadata"]["name"]
     # A pod being deleted (the Job was suspended, or the pod preempted or evicted) is on its way
@@ -301,6 +399,8 @@ def _progress(
             "starts a new one, which resumes from the last checkpoint.",
             started=started,
         )
+    if not live and blocker is not None:
+        return Verdict(blocker.phase, blocker.reason, blocker.message, started=started)
     if not live:
         return Verdict(
             "Pending",
@@ -451,6 +551,14 @@ def _failure(spec: FineTuneSpec, job: Body, failed: Body, pods: list[Body]) -> t
     job_name = job["metadata"]["name"]
     if job_reason == "BackoffLimitExceeded":
         failures = max(_failures(job), len(failed_pods))
+        code = terminated.get("exitCode") if terminated is not None else None
+        if code in exitcodes.RETRIED_REASONS:
+            line = first_line(terminated.get("message") if terminated is not None else None)
+            return (
+                exitcodes.RETRIED_REASONS[code],
+                f"{line or f'The trainer exited with code {code}.'} (the trainer failed "
+                f"{failures} time(s), more than spec.maxRetries ({spec.max_retries}) allows)",
+            )
         return (
             "BackoffLimitExceeded",
             f"The trainer failed {failures} time(s), more than spec.maxRetries "

@@ -26,10 +26,10 @@ from operator_harness import (
     operator_env,
 )
 from unit.operator.invalid_manifests import (
-    ALLOWED_UPDATES_AFTER_START,
-    FORBIDDEN_UPDATES_AFTER_START,
+    ALLOWED_UPDATES_WITH_JOB,
+    FORBIDDEN_UPDATES_WITH_JOB,
     INVALID_MANIFESTS,
-    STARTED_STATUS,
+    WITH_JOB_STATUS,
     VALID_MANIFEST,
     InvalidManifest,
 )
@@ -196,16 +196,16 @@ def test_api_server_freezes_training_settings_once_started(
     cluster.apply(manifest, shared_namespace)
     cluster.kubectl(
         "patch", "ftj", "started", "-n", shared_namespace, "--subresource=status",
-        "--type=merge", "-p", json.dumps({"status": STARTED_STATUS}),
+        "--type=merge", "-p", json.dumps({"status": WITH_JOB_STATUS}),
     )  # fmt: skip
-    for case in FORBIDDEN_UPDATES_AFTER_START:
+    for case in FORBIDDEN_UPDATES_WITH_JOB:
         update = {**case.manifest, "metadata": {"name": "started"}}
         result = cluster.kubectl(
             "apply", "--dry-run=server", "-n", shared_namespace, "-f", "-",
             input=json.dumps(update), check=False,
         )  # fmt: skip
         assert result.returncode != 0 and case.expected in result.stderr, (case.id, result.stderr)
-    for allowed in ALLOWED_UPDATES_AFTER_START:
+    for allowed in ALLOWED_UPDATES_WITH_JOB:
         update = {**allowed, "metadata": {"name": "started"}}
         cluster.kubectl(
             "apply", "--dry-run=server", "-n", shared_namespace, "-f", "-", input=json.dumps(update)

@@ -14,7 +14,7 @@ Only pydantic and the standard library may be imported here: the operator image 
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Final, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
@@ -79,8 +79,11 @@ def _section(factory: type[_M], description: str) -> Any:
 
 # --- String formats. Anchored, and written in the regex subset shared by Go (API server) and Rust
 # (pydantic-core): explicit ASCII classes rather than \w or \s, whose Unicode meaning differs.
-_S3 = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?"
-_PVC = r"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/.*)?"
+# Paths have no empty segments ("a//b"): two spellings of one location would slip past the
+# overlap rules below, and the trainer could not store both "a/b" and "a//b" as local files.
+_PATH = r"(/([^/]+/)*[^/]*)?"
+_S3 = rf"s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9]{_PATH}"
+_PVC = rf"pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?{_PATH}"
 _HF = r"hf://[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?"
 MODEL_URI_PATTERN = f"^({_S3}|{_PVC}|{_HF})$"
 DATA_URI_PATTERN = f"^({_S3}|{_PVC})$"
@@ -101,8 +104,14 @@ ShortText = Annotated[str, Field(max_length=1024)]
 Prompt = Annotated[str, Field(min_length=1, max_length=16384)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[A-Za-z0-9_.*-]+$")]
 SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
-LabelKey = Annotated[str, Field(min_length=1, max_length=317)]
-LabelValue = Annotated[str, Field(max_length=63)]
+# A label key: an optional DNS-subdomain prefix and "/", then a name of at most 63 characters.
+LABEL_KEY_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
@@ -464,8 +473,21 @@ class OutputTarget(_SpecModel):
         description=(
             "Destination prefix (s3://bucket/prefix or pvc://claim/path) for the adapter "
             "(lora, qlora) or the full weights (full), plus tokenizer, training metrics and a "
-            "manifest with checksums. Existing files under it are overwritten."
+            "manifest with checksums. It belongs to this FineTuneJob: a job refuses a prefix "
+            "that holds files it did not write (another job's output or checkpoints, or "
+            "anything else) unless overwrite is true, and resumes only from its own "
+            "checkpoints. It must not equal, contain or lie inside the base model's or the "
+            "datasets' locations."
         )
+    )
+    overwrite: bool = Field(
+        default=False,
+        description=(
+            "When uri already holds files this FineTuneJob did not write (for example the "
+            "output of an earlier FineTuneJob of the same name), delete them before training "
+            "instead of failing with reason OutputExists. Default false: nothing is ever "
+            "overwritten silently."
+        ),
     )
     merge_adapter: bool = Field(
         default=False,
@@ -504,6 +526,16 @@ class StorageConfig(_SpecModel):
                 "When unset the operator's configured default endpoint applies."
             ),
         )
+    )
+    retry_timeout: Duration = Field(
+        default="2m",
+        description=(
+            "How long an unreachable, failing (5xx) or throttling store is retried, with "
+            "backoff, before the attempt fails with reason StorageUnreachable (default 2m); the "
+            "pod is then retried up to maxRetries times. Access denied and missing objects "
+            "fail at once: retrying cannot fix them."
+        ),
+        json_schema_extra=_validations(TIMEOUT_POSITIVE),
     )
     region: Annotated[str, Field(min_length=1, max_length=64)] = Field(
         default="us-east-1",
@@ -588,6 +620,28 @@ class Toleration(_SpecModel):
         return self
 
 
+LABEL_KEYS_VALID = CelRule(
+    rule=f"self.all(k, k.matches(r'{LABEL_KEY_PATTERN}'))",
+    message=(
+        "nodeSelector keys must be label keys: an optional DNS-subdomain prefix and '/', then "
+        "at most 63 characters (letters, digits, '-', '_', '.'), starting and ending "
+        "alphanumeric"
+    ),
+)
+
+
+def _label_keys(selector: dict[str, str]) -> dict[str, str]:
+    # The map's keys: pydantic's key pattern would not reach the CRD (no propertyNames in a
+    # structural schema), so the rule is CEL there and this check here.
+    bad = sorted(k for k in selector if len(k) > 317 or not re.fullmatch(LABEL_KEY_PATTERN, k))
+    if bad:
+        raise ValueError(f"{LABEL_KEYS_VALID.message} (got {', '.join(map(repr, bad))})")
+    return selector
+
+
+NodeSelector = Annotated[dict[str, LabelValue], AfterValidator(_label_keys)]
+
+
 class ComputeResources(_SpecModel):
     """Accelerators, CPU, memory and placement of the training pod."""
 
@@ -629,10 +683,14 @@ class ComputeResources(_SpecModel):
             "Unset: the namespace default."
         ),
     )
-    node_selector: dict[str, LabelValue] = Field(
+    node_selector: NodeSelector = Field(
         default={},
         max_length=64,
-        description="Node labels the training pod must be scheduled on (default none).",
+        description=(
+            "Node labels the training pod must be scheduled on (default none). Keys and values "
+            "must be valid label keys and values."
+        ),
+        json_schema_extra=_validations(LABEL_KEYS_VALID),
     )
     tolerations: list[Toleration] = Field(
         default=[],
@@ -642,6 +700,14 @@ class ComputeResources(_SpecModel):
     priority_class_name: Name | None = Field(
         default=None,
         description="PriorityClass of the training pod. Unset: the cluster default.",
+    )
+    scratch_size: Quantity = Field(
+        default="200Gi",
+        description=(
+            "Size limit of the pod's scratch volume at /workspace, which holds the downloaded "
+            "model and data, checkpoints before upload and the outputs (default 200Gi: a 70B "
+            "model in 16 bits and its checkpoint). A pod that writes more is evicted."
+        ),
     )
 
 
@@ -737,6 +803,16 @@ class CheckpointingConfig(_SpecModel):
         le=100,
         description="Newest checkpoints kept; older ones are deleted (default 2).",
     )
+    grace_period_seconds: int = Field(
+        default=120,
+        ge=10,
+        le=86400,
+        description=(
+            "Seconds a stopping training pod (suspend, preemption, node drain) gets to save a "
+            "checkpoint before it is killed: the pod's terminationGracePeriodSeconds (default "
+            "120). Raise it for large full fine-tuning states or slow object stores."
+        ),
+    )
 
 
 QLORA_NEEDS_GPU = CelRule(
@@ -749,10 +825,54 @@ MERGE_NEEDS_ADAPTER = CelRule(
     message="output.mergeAdapter must be false for method full: there is no adapter to merge",
     field_path=".output.mergeAdapter",
 )
-OUTPUT_NOT_BASE_MODEL = CelRule(
-    rule="self.output.uri != self.baseModel.uri",
-    message="output.uri must differ from baseModel.uri: the job would overwrite its base model",
-    field_path=".output.uri",
+
+
+def as_directory(uri: str) -> str:
+    """A location as a directory prefix: "s3://b/x" and "s3://b/x/" name the same place."""
+    return uri if uri.endswith("/") else uri + "/"
+
+
+def locations_overlap(a: str, b: str) -> bool:
+    """Whether one location equals or contains the other. Locations are object prefixes, so
+    s3://b/x contains s3://b/x/y but not s3://b/x-old (URIs have no empty path segments)."""
+    a, b = as_directory(a), as_directory(b)
+    return a.startswith(b) or b.startswith(a)
+
+
+def _cel_directory(expr: str) -> str:
+    return f"({expr}.endsWith('/') ? {expr} : {expr} + '/')"
+
+
+# The inputs the output must stay clear of: (CEL path below spec, required).
+OUTPUT_CLEAR_OF: Final = (
+    ("baseModel.uri", True),
+    ("baseModel.tokenizerUri", False),
+    ("dataset.trainUri", True),
+    ("dataset.validationUri", False),
+)
+
+
+def _output_clear_of(path: str, required: bool) -> CelRule:
+    out, inp = _cel_directory("self.output.uri"), _cel_directory(f"self.{path}")
+    guard = "" if required else f"!has(self.{path}) || "
+    return CelRule(
+        rule=f"{guard}!({out}.startsWith({inp}) || {inp}.startsWith({out}))",
+        message=(
+            f"output.uri must not equal, contain or lie inside {path}: the job would write its "
+            "outputs over or among its inputs"
+        ),
+        field_path=".output.uri",
+    )
+
+
+OUTPUT_CLEAR_OF_INPUTS: Final = tuple(_output_clear_of(p, r) for p, r in OUTPUT_CLEAR_OF)
+CANCEL_IS_FINAL = CelRule(
+    rule="!oldSelf.cancel || self.cancel",
+    message=(
+        "cancel cannot be set back to false: a cancelled FineTuneJob stays cancelled; create a "
+        "new FineTuneJob to train again"
+    ),
+    field_path=".cancel",
 )
 
 
@@ -760,7 +880,9 @@ class FineTuneSpec(_SpecModel):
     """The desired fine-tuning run."""
 
     model_config = ConfigDict(
-        json_schema_extra=_validations(QLORA_NEEDS_GPU, MERGE_NEEDS_ADAPTER, OUTPUT_NOT_BASE_MODEL)
+        json_schema_extra=_validations(
+            QLORA_NEEDS_GPU, MERGE_NEEDS_ADAPTER, *OUTPUT_CLEAR_OF_INPUTS, CANCEL_IS_FINAL
+        )
     )
 
     base_model: BaseModelSource = Field(description="The pretrained model to fine-tune.")
@@ -797,6 +919,14 @@ class FineTuneSpec(_SpecModel):
     )
     checkpointing: CheckpointingConfig = _section(
         CheckpointingConfig, "Intermediate checkpoints for resuming after a pod failure."
+    )
+    cancel: bool = Field(
+        default=False,
+        description=(
+            "Cancel the job (default false): its training pod is stopped and the job ends in "
+            "phase Cancelled, keeping its status and whatever it published. Cannot be set back "
+            "to false. Unlike deleting the FineTuneJob, the record stays."
+        ),
     )
     suspend: bool = Field(
         default=False,
@@ -838,8 +968,16 @@ class FineTuneSpec(_SpecModel):
             raise ValueError(QLORA_NEEDS_GPU.message)
         if self.method == "full" and self.output.merge_adapter:
             raise ValueError(MERGE_NEEDS_ADAPTER.message)
-        if self.output.uri == self.base_model.uri:
-            raise ValueError(OUTPUT_NOT_BASE_MODEL.message)
+        inputs = {
+            "baseModel.uri": self.base_model.uri,
+            "baseModel.tokenizerUri": self.base_model.tokenizer_uri,
+            "dataset.trainUri": self.dataset.train_uri,
+            "dataset.validationUri": self.dataset.validation_uri,
+        }
+        for (path, _), rule in zip(OUTPUT_CLEAR_OF, OUTPUT_CLEAR_OF_INPUTS, strict=True):
+            location = inputs[path]
+            if location is not None and locations_overlap(self.output.uri, location):
+                raise ValueError(rule.message)
         return self
 
     def timeout_seconds(self) -> int | None:
@@ -1006,9 +1144,7 @@ class FineTuneStatus(_StatusModel):
     )
     start_time: datetime | None = Field(
         default=None,
-        description=(
-            "When training started. From then on the training settings in spec are immutable."
-        ),
+        description=("When the trainer container first ran."),
     )
     completion_time: datetime | None = Field(
         default=None, description="When the job succeeded, failed or was cancelled."
@@ -1037,8 +1173,8 @@ class FineTuneStatus(_StatusModel):
 
 # ----------------------------------------------------------------------------------------- root
 
-# Fields that may change after training started; everything else in spec is frozen then.
-MUTABLE_AFTER_START = ("suspend", "max_retries", "timeout", "queue_name")
+# Fields that may change once the training Job exists; everything else in spec is frozen then.
+MUTABLE_FIELDS = ("suspend", "cancel", "max_retries", "timeout", "queue_name")
 
 
 def _spec_unchanged(name: str) -> str:
@@ -1051,21 +1187,24 @@ def _spec_unchanged(name: str) -> str:
 
 
 def _immutability_rule() -> CelRule:
-    frozen = [n for n in FineTuneSpec.model_fields if n not in MUTABLE_AFTER_START]
+    frozen = [n for n in FineTuneSpec.model_fields if n not in MUTABLE_FIELDS]
     unchanged = " && ".join(_spec_unchanged(n) for n in frozen)
     return CelRule(
-        rule=f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || ({unchanged})",
+        # From the moment the operator created the Job (status.jobName), not only once the
+        # pod ran: the Job's pod template and the trainer config are built from the spec, and
+        # a later change would reach the config but not the pod (or neither), silently.
+        rule=f"!has(oldSelf.status) || !has(oldSelf.status.jobName) || ({unchanged})",
         message=(
-            "spec is immutable once training has started (status.startTime is set): only "
-            "suspend, maxRetries, timeout and queueName may change; create a new FineTuneJob "
-            "to train with other settings"
+            "spec is immutable once the training Job exists (status.jobName is set): only "
+            "suspend, cancel, maxRetries, timeout and queueName may change; create a new "
+            "FineTuneJob to train with other settings"
         ),
         field_path=".spec",
         reason="FieldValueForbidden",
     )
 
 
-SPEC_IMMUTABLE_AFTER_START = _immutability_rule()
+SPEC_IMMUTABLE_FIELDS = _immutability_rule()
 
 
 class FineTuneJob(BaseModel):
@@ -1076,7 +1215,7 @@ class FineTuneJob(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
         extra="ignore",
-        json_schema_extra=_validations(SPEC_IMMUTABLE_AFTER_START),
+        json_schema_extra=_validations(SPEC_IMMUTABLE_FIELDS),
     )
 
     api_version: str = Field(default=API_VERSION, description="kubetune.dev/v1alpha1")

@@ -24,6 +24,12 @@ DATA_ERROR: Final = 65
 INPUT_NOT_FOUND: Final = 66
 # Something unexpected inside the trainer (a bug): retried. (EX_SOFTWARE)
 INTERNAL_ERROR: Final = 70
+# spec.output.uri holds files this FineTuneJob did not write (another job's output or
+# checkpoints) and output.overwrite is false. (EX_CANTCREAT)
+OUTPUT_EXISTS: Final = 73
+# The object store stayed unreachable, failing (5xx) or throttling for spec.storage.retryTimeout:
+# retried (another pod, maybe on another node, may reach it). (EX_TEMPFAIL)
+STORAGE_UNREACHABLE: Final = 75
 # Object storage refused access (credentials, bucket policy, wrong endpoint). (EX_NOPERM)
 STORAGE_ERROR: Final = 77
 # The configuration cannot work: an unsupported config version, a model the method cannot train
@@ -42,6 +48,7 @@ PREEMPTED: Final = 143
 PERMANENT: Final = (
     DATA_ERROR,
     INPUT_NOT_FOUND,
+    OUTPUT_EXISTS,
     STORAGE_ERROR,
     CONFIG_ERROR,
     MODEL_ERROR,
@@ -52,8 +59,15 @@ PERMANENT: Final = (
 REASONS: Final = {
     DATA_ERROR: "DataError",
     INPUT_NOT_FOUND: "InputNotFound",
+    OUTPUT_EXISTS: "OutputExists",
     STORAGE_ERROR: "StorageAccessDenied",
     CONFIG_ERROR: "ConfigError",
     MODEL_ERROR: "ModelLoadError",
     OUT_OF_MEMORY: "OutOfMemory",
+}
+
+# Retried exit codes with a reason of their own: a Retrying message names it, and a job that
+# runs out of retries fails with it instead of the generic BackoffLimitExceeded.
+RETRIED_REASONS: Final = {
+    STORAGE_UNREACHABLE: "StorageUnreachable",
 }

@@ -165,7 +165,7 @@ FULL_MANIFEST: Manifest = {
 
 # Status that marks a job as started: from then on only suspend, maxRetries, timeout and
 # queueName may change (apply it through the status subresource).
-STARTED_STATUS: Manifest = {"phase": "Running", "startTime": "2025-01-01T00:00:00Z"}
+WITH_JOB_STATUS: Manifest = {"phase": "Pending", "jobName": "started-train"}
 
 
 class InvalidManifest(NamedTuple):
@@ -275,7 +275,40 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
     _case(
         "output-overwrites-base",
         {"output": {"uri": "s3://models/qwen2.5-0.5b"}},
-        "output.uri must differ from baseModel.uri",
+        "output.uri must not equal, contain or lie inside baseModel.uri",
+    ),
+    _case(
+        "output-is-base-with-a-slash",
+        {"output": {"uri": "s3://models/qwen2.5-0.5b/"}},
+        "output.uri must not equal, contain or lie inside baseModel.uri",
+    ),
+    _case(
+        "output-inside-train-prefix",
+        {
+            "dataset": {"trainUri": "s3://datasets/support/"},
+            "output": {"uri": "s3://datasets/support/out"},
+        },
+        "output.uri must not equal, contain or lie inside dataset.trainUri",
+    ),
+    _case(
+        "output-contains-validation-data",
+        {"dataset": {"validationUri": "s3://outputs/support-lora/val.jsonl"}},
+        "output.uri must not equal, contain or lie inside dataset.validationUri",
+    ),
+    _case(
+        "output-contains-tokenizer",
+        {"baseModel": {"tokenizerUri": "s3://outputs/support-lora/tokenizer"}},
+        "output.uri must not equal, contain or lie inside baseModel.tokenizerUri",
+    ),
+    _case(
+        "output-is-bucket-of-base",
+        {"output": {"uri": "s3://models/"}},
+        "output.uri must not equal, contain or lie inside baseModel.uri",
+    ),
+    _case(
+        "uri-empty-path-segment",
+        {"dataset": {"trainUri": "s3://datasets//support/train.jsonl"}},
+        "spec.dataset.trainUri",
     ),
     _case(
         "learning-rate-zero",
@@ -306,6 +339,46 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "spec.storage.credentialsSecretRef.name: Required value",
     ),
     _case("gpus-17", {"resources": {"gpus": 17}}, "spec.resources.gpus"),
+    _case(
+        "node-selector-key-invalid",
+        {"resources": {"nodeSelector": {"gpu type!": "h100"}}},
+        "nodeSelector keys must be label keys",
+    ),
+    _case(
+        "node-selector-key-long-name",
+        {"resources": {"nodeSelector": {"example.com/" + "n" * 64: "x"}}},
+        "nodeSelector keys must be label keys",
+    ),
+    _case(
+        "node-selector-value-invalid",
+        {"resources": {"nodeSelector": {"nvidia.com/gpu.product": "H100 80GB"}}},
+        "spec.resources.nodeSelector.nvidia.com/gpu.product",
+    ),
+    _case(
+        "toleration-key-invalid",
+        {"resources": {"tolerations": [{**_TOLERATION, "key": "gpu/type/x"}]}},
+        "spec.resources.tolerations[0].key",
+    ),
+    _case(
+        "toleration-value-invalid",
+        {"resources": {"tolerations": [{"key": "k", "operator": "Equal", "value": "a b"}]}},
+        "spec.resources.tolerations[0].value",
+    ),
+    _case(
+        "scratch-size-not-quantity",
+        {"resources": {"scratchSize": "big"}},
+        "spec.resources.scratchSize",
+    ),
+    _case(
+        "storage-retry-zero",
+        {"storage": {"retryTimeout": "0s"}},
+        "timeout must be longer than 0s",
+    ),
+    _case(
+        "grace-period-short",
+        {"checkpointing": {"gracePeriodSeconds": 1}},
+        "spec.checkpointing.gracePeriodSeconds",
+    ),
     _case("memory-not-quantity", {"resources": {"memory": "lots"}}, "spec.resources.memory"),
     _case(
         "toleration-exists-value",
@@ -354,23 +427,26 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
     ),
 ]
 
-# Updates of a started job (VALID_MANIFEST with STARTED_STATUS): each changes a training setting
-# and must be rejected with SPEC_IMMUTABLE_AFTER_START's message.
-IMMUTABLE_EXPECTED = "spec is immutable once training has started"
-FORBIDDEN_UPDATES_AFTER_START: list[InvalidManifest] = [
+# Updates of a job whose training Job exists (VALID_MANIFEST with WITH_JOB_STATUS): each changes a
+# setting that shapes the pod or the trainer config and must be rejected with IMMUTABLE_EXPECTED.
+IMMUTABLE_EXPECTED = "spec is immutable once the training Job exists"
+FORBIDDEN_UPDATES_WITH_JOB: list[InvalidManifest] = [
     InvalidManifest(f"update-{name}", _merge(VALID_MANIFEST, {"spec": patch}), IMMUTABLE_EXPECTED)
     for name, patch in [
         ("lora-rank", {"lora": {"r": 8}}),
         ("method", {"method": "full"}),
         ("image", {"image": "registry.example/kubetune-trainer:v2"}),
         ("gpus", {"resources": {"gpus": 2}}),
+        ("node-selector", {"resources": {"nodeSelector": {"pool": "h100"}}}),
+        ("output", {"output": {"uri": "s3://outputs/elsewhere"}}),
     ]
 ]
 # ...and these change only the settings that stay mutable, so they must be accepted.
-ALLOWED_UPDATES_AFTER_START: list[Manifest] = [
+ALLOWED_UPDATES_WITH_JOB: list[Manifest] = [
     _merge(VALID_MANIFEST, {"spec": patch})
     for patch in [
         {"suspend": True},
         {"maxRetries": 5, "timeout": "2h", "queueName": "team-a"},
+        {"cancel": True},
     ]
 ]

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 from invalid_manifests import (
-    ALLOWED_UPDATES_AFTER_START,
-    FORBIDDEN_UPDATES_AFTER_START,
+    ALLOWED_UPDATES_WITH_JOB,
+    FORBIDDEN_UPDATES_WITH_JOB,
     FULL_MANIFEST,
     INVALID_MANIFESTS,
     VALID_MANIFEST,
@@ -20,7 +20,7 @@ from invalid_manifests import (
 from pydantic import ValidationError
 
 from kubetune_operator import crd
-from kubetune_trainer.api import MUTABLE_AFTER_START, FineTuneJob, FineTuneSpec
+from kubetune_trainer.api import MUTABLE_FIELDS, FineTuneJob, FineTuneSpec
 
 ROOT = Path(__file__).resolve().parents[3]
 CRD_FILE = ROOT / crd.CRD_PATH
@@ -164,10 +164,10 @@ def test_crd_defaults_match_model_defaults(schema: Node) -> None:
 
 def test_immutability_rule_freezes_every_training_field(schema: Node) -> None:
     (rule,) = schema["x-kubernetes-validations"]
-    assert "oldSelf.status.startTime" in rule["rule"]
+    assert "oldSelf.status.jobName" in rule["rule"]
     for name, field in FineTuneSpec.model_fields.items():
         frozen = f"self.spec.{field.alias} ==" in rule["rule"]
-        assert frozen is (name not in MUTABLE_AFTER_START), f"spec.{field.alias}"
+        assert frozen is (name not in MUTABLE_FIELDS), f"spec.{field.alias}"
 
 
 # --------------------------------------------------------------------- model-level validation
@@ -234,7 +234,7 @@ def test_models_reject_what_the_api_server_rejects(case: InvalidManifest, schema
 
 @pytest.mark.parametrize(
     "manifest",
-    [c.manifest for c in FORBIDDEN_UPDATES_AFTER_START] + ALLOWED_UPDATES_AFTER_START,
+    [c.manifest for c in FORBIDDEN_UPDATES_WITH_JOB] + ALLOWED_UPDATES_WITH_JOB,
 )
 def test_update_cases_differ_from_valid_only_by_immutability(manifest: dict[str, Any]) -> None:
     FineTuneJob.model_validate(manifest)

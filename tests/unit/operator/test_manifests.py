@@ -53,9 +53,10 @@ BASE_MOUNTS = [
 ]
 BASE_VOLUMES = [
     {"name": "config", "configMap": {"name": "support-lora-config"}},
-    {"name": "work", "emptyDir": {}},
-    {"name": "tmp", "emptyDir": {}},
-    {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    # Every scratch volume has a size limit; /workspace's is spec.resources.scratchSize.
+    {"name": "work", "emptyDir": {"sizeLimit": "200Gi"}},
+    {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}},
+    {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
 ]
 POD_SECURITY = {
     "runAsNonRoot": True,
@@ -103,6 +104,7 @@ def minimal_job(**overrides: Any) -> dict[str, Any]:
             "parallelism": 1,
             "backoffLimit": 2,
             "podFailurePolicy": POD_FAILURE_POLICY,
+            "ttlSecondsAfterFinished": 86400,
             "template": {
                 "metadata": {
                     "labels": LABELS,
@@ -110,6 +112,7 @@ def minimal_job(**overrides: Any) -> dict[str, Any]:
                 },
                 "spec": {
                     "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 120,
                     "serviceAccountName": "support-lora-trainer",
                     "automountServiceAccountToken": True,
                     "enableServiceLinks": False,
@@ -462,6 +465,31 @@ def test_suspend_follows_spec_and_kueue(
         "spec": {"suspend": job_suspended},
     }
     assert (manifests.suspend_patch(spec, body), manifests.workload_active(spec, body)) == expected
+
+
+@pytest.mark.parametrize("queue", [None, "q"])
+def test_cancel_halts_the_job_like_suspend_for_good(queue: str | None) -> None:
+    spec = target(cancel=True, **({"queueName": queue} if queue else {})).spec
+    running = {"metadata": {"labels": {QUEUE: queue} if queue else {}}, "spec": {"suspend": False}}
+    if queue is None:
+        assert manifests.suspend_patch(spec, running) == {"spec": {"suspend": True}}
+    else:  # Kueue's Job: its Workload is deactivated (Kueue suspends it, the quota frees up)
+        assert manifests.workload_active(spec, running) is False
+    created = manifests.job(manifests.Target("x", NAMESPACE, UID, spec), SETTINGS)
+    assert created["spec"]["suspend"] is True
+    assert QUEUE not in created["metadata"]["labels"]
+
+
+def test_grace_period_scratch_size_and_job_ttl_are_configurable() -> None:
+    t = target(checkpointing={"gracePeriodSeconds": 900}, resources={"scratchSize": "1Ti"})
+    settings = OperatorSettings(job_ttl_seconds=600)
+    job = manifests.job(t, settings)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 900
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["work"]["emptyDir"] == {"sizeLimit": "1Ti"}
+    assert all("sizeLimit" in v["emptyDir"] for v in volumes.values() if "emptyDir" in v)
+    assert job["spec"]["ttlSecondsAfterFinished"] == 600
 
 
 def test_settings_patch_leaves_the_queue_label_to_resuming_while_suspended() -> None:

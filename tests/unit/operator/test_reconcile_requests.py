@@ -18,6 +18,7 @@ import pytest
 from ftj_objects import JOB_UID, NAMESPACE, UID, job, pod, running_pod, served
 
 from kubetune_operator import manifests, observed, reconcile
+from kubetune_operator.kube import ApiError, Forbidden
 from kubetune_operator.settings import OperatorSettings
 
 Obj = dict[str, Any]
@@ -34,6 +35,8 @@ class FakeKube:
         self.calls: list[tuple[str, str]] = []
         self.version = 100
         self.workloads: list[Obj] = []  # Kueue's, for the Job JOB_UID
+        self.events: list[Obj] = []  # core/v1 Events, returned for any field selector
+        self.refuse: dict[str, Exception] = {}  # kind -> what its create raises
         self.patches: dict[str, Mapping[str, Any]] = {}
 
     async def get(self, api_path: str) -> Obj | None:
@@ -42,8 +45,17 @@ class FakeKube:
             return copy.deepcopy(self.ftj)
         return copy.deepcopy(self.existing.get(api_path.rsplit("/", 1)[-1]))
 
-    async def list(self, api_path: str, *, label_selector: str | None = None) -> list[Obj]:
+    async def list(
+        self,
+        api_path: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+    ) -> list[Obj]:
         self.calls.append(("LIST", api_path))
+        if api_path.endswith("/events"):
+            assert field_selector == f"involvedObject.uid={JOB_UID},reason=FailedCreate"
+            return copy.deepcopy(self.events)
         if api_path.endswith("/workloads"):
             return [w for w in self.workloads if label_selector == f"{JOB_UID_LABEL}={JOB_UID}"]
         return []
@@ -51,6 +63,8 @@ class FakeKube:
     async def create(self, body: Mapping[str, Any]) -> tuple[Obj, bool]:
         name = body["metadata"]["name"]
         self.calls.append(("POST", f"{body['kind']}/{name}"))
+        if body["kind"] in self.refuse:
+            raise self.refuse[body["kind"]]
         if name in self.existing:
             self.calls.append(("GET", f"{body['kind']}/{name}"))
             return copy.deepcopy(self.existing[name]), False
@@ -385,3 +399,81 @@ def test_a_queued_job_says_why_kueue_has_not_admitted_it(events: list[str]) -> N
     )
     assert verdict.message.endswith(f"LocalQueue gpus: {why}")
     assert kube.calls == [("PATCH", f"{reconcile.ftj_path(NAMESPACE, 'support-lora')}/status")]
+
+
+# ------------------------------------------------------------- refusals reach the status
+
+
+def test_a_job_the_api_server_rejects_fails_the_finetunejob_at_once(events: list[str]) -> None:
+    ftj = served()
+    kube = FakeKube(ftj)
+    detail = 'Job.batch "support-lora-train" is invalid: spec.template.spec.priorityClassName'
+    kube.refuse["Job"] = ApiError(f"POST /apis/batch/v1/...: {detail}", 422, detail)
+    with pytest.raises(kopf.PermanentError):
+        asyncio.run(reconcile.ensure_children(_operator(kube), ftj, _seen(ftjs=[ftj])))
+    assert (kube.ftj["status"]["phase"], kube.ftj["status"]["reason"]) == ("Failed", "InvalidSpec")
+    assert detail in kube.ftj["status"]["message"]
+    assert events == ["InvalidSpec"]
+
+
+def test_a_quota_that_refuses_a_child_keeps_the_job_pending_and_retried(
+    events: list[str],
+) -> None:
+    ftj = served()
+    kube = FakeKube(ftj)
+    detail = 'configmaps "support-lora-config" is forbidden: exceeded quota: q, used: 10/10'
+    kube.refuse["ConfigMap"] = Forbidden(f"POST ...: {detail}", detail, delay=60)
+    with pytest.raises(kopf.TemporaryError) as retried:
+        asyncio.run(reconcile.ensure_children(_operator(kube), ftj, _seen(ftjs=[ftj])))
+    assert not isinstance(retried.value, kopf.PermanentError)
+    status = kube.ftj["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", "QuotaExceeded")
+    assert "ConfigMap support-lora-config" in status["message"] and detail in status["message"]
+    assert events == ["QuotaExceeded"]
+    assert not any(call == ("POST", "Job/support-lora-train") for call in kube.calls)
+
+
+def _failed_create(message: str, at: str) -> Obj:
+    return {
+        "metadata": {"name": f"e-{at}", "namespace": NAMESPACE},
+        "involvedObject": {"kind": "Job", "uid": JOB_UID},
+        "reason": "FailedCreate",
+        "type": "Warning",
+        "message": message,
+        "lastTimestamp": at,
+    }
+
+
+def test_a_pod_the_job_cannot_create_is_explained_until_one_exists(events: list[str]) -> None:
+    ftj = served(status={"phase": "Pending", "reason": "WaitingForPod", "jobName": "x"})
+    kube = FakeKube(ftj)
+    op = _operator(kube)
+    waiting = _labelled(job(active=0))
+    kube.events = [
+        _failed_create("Error creating: quota", "2026-01-01T10:00:01Z"),
+        _failed_create(
+            'Error creating: pods "p" is forbidden: no PriorityClass with name gold was found',
+            "2026-01-01T10:00:09Z",
+        ),
+    ]
+    seen = _seen([ftj], [waiting])
+    asyncio.run(reconcile.check_pod_creation(op, NAMESPACE, "support-lora", seen))
+    status = kube.ftj["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", "PriorityClassNotFound")
+    assert "gold" in status["message"] and events == ["PriorityClassNotFound"]
+    # A later Job event does not forget it (no flapping back to WaitingForPod)...
+    seen = _seen([kube.ftj], [waiting])
+    asyncio.run(reconcile.sync_status(op, NAMESPACE, "support-lora", seen=seen))
+    assert kube.ftj["status"]["reason"] == "PriorityClassNotFound"
+    # ...until the pod exists.
+    seen = _seen([kube.ftj], [waiting], [_labelled(running_pod())])
+    asyncio.run(reconcile.sync_status(op, NAMESPACE, "support-lora", seen=seen))
+    assert kube.ftj["status"]["reason"] == "TrainerRunning" and not op.pod_blockers
+
+
+def test_the_pod_check_lists_nothing_once_the_pod_exists() -> None:
+    ftj = served()
+    kube = FakeKube(ftj)
+    seen = _seen([ftj], [_labelled(job())], [_labelled(running_pod())])
+    asyncio.run(reconcile.check_pod_creation(_operator(kube), NAMESPACE, "support-lora", seen))
+    assert kube.calls == []

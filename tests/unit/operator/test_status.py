@@ -480,3 +480,90 @@ def test_a_pod_being_deleted_is_neither_the_trainer_nor_a_failed_attempt() -> No
     result = verdict(served(), job(), [stopping, fresh])
     assert (result.phase, result.reason) == ("Running", "TrainerRunning")
     assert "support-lora-train-new" in result.message
+
+
+# --------------------------------------------------------------------- cancel and refusals
+
+
+def test_cancel_before_the_job_exists_is_cancelled_at_once() -> None:
+    result, patch = evaluate(served(cancel=True), None, [])
+    assert (result.phase, result.reason) == ("Cancelled", "CancelRequested")
+    assert "s3://outputs/support-lora" in result.message
+    assert patch["completionTime"]
+
+
+def test_cancel_of_a_running_job_is_final_even_while_its_pod_stops() -> None:
+    ftj = served(cancel=True, status={"phase": "Running", "startTime": T1})
+    result, patch = evaluate(ftj, job(suspend=True, active=0), [running_pod()])
+    assert (result.phase, result.reason) == ("Cancelled", "CancelRequested")
+    # The stopping pod's exit (143, a retriable code) changes nothing afterwards.
+    stopped = terminated_pod(143, message="preempted: stopped by SIGTERM")
+    after = applied(ftj, patch)
+    assert verdict(after, job(suspend=True, active=0), [stopped]).phase == "Cancelled"
+
+
+def test_a_job_that_completed_before_the_cancel_stays_succeeded() -> None:
+    result = verdict(served(cancel=True), complete_job(), [terminated_pod(0)])
+    assert result.phase == "Succeeded"
+
+
+@pytest.mark.parametrize(
+    ("code", "detail", "phase", "reason"),
+    [
+        (422, 'Job.batch "x" is invalid: spec.template.spec.nodeSelector: Invalid value', "Failed",
+         "InvalidSpec"),
+        (403, 'jobs.batch "x" is forbidden: exceeded quota: jobs, requested: count/jobs.batch=1',
+         "Pending", "QuotaExceeded"),
+        (403, 'admission webhook "policy.example.com" denied the request: no GPUs on Fridays',
+         "Pending", "Forbidden"),
+        (500, "something odd", "Failed", "CreateFailed"),
+    ],
+)  # fmt: skip
+def test_a_refused_child_is_explained_in_the_status(
+    code: int, detail: str, phase: str, reason: str
+) -> None:
+    blocker = status.creation_blocker("Job", "support-lora-train", "team-a", code, detail)
+    result, patch = evaluate(served(), None, [], blocker=blocker)
+    assert (result.phase, result.reason) == (phase, reason)
+    assert detail in result.message and "Job support-lora-train" in result.message
+    assert result.is_problem  # a Warning Event, not only a log line
+    assert conditions(patch)["Stalled"] == ("True" if phase == "Failed" else "False")
+
+
+@pytest.mark.parametrize(
+    ("detail", "reason", "hint"),
+    [
+        ('Error creating: pods "x" is forbidden: exceeded quota: gpu, requested: '
+         "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=1, limited: "
+         "requests.nvidia.com/gpu=1", "QuotaExceeded", "ResourceQuota"),
+        ('Error creating: pods "x" is forbidden: no PriorityClass with name training-low was '
+         "found", "PriorityClassNotFound", "priorityClassName"),
+        ('Error creating: pods "x" is forbidden: violates PodSecurity "restricted:latest"',
+         "PodSecurityViolation", "Pod Security"),
+        ("Error creating: something else", "PodCreateFailed", "something else"),
+    ],
+)  # fmt: skip
+def test_a_job_that_cannot_create_its_pod_says_why(detail: str, reason: str, hint: str) -> None:
+    blocker = status.pod_creation_blocker("support-lora-train", "team-a", detail)
+    result = verdict(served(), job(active=0), [], blocker=blocker)
+    assert (result.phase, result.reason) == ("Pending", reason)
+    assert hint in result.message and result.is_problem
+    # Once a pod exists the pod's own state is the story again.
+    assert verdict(served(), job(), [running_pod()], blocker=blocker).reason == "TrainerRunning"
+
+
+def test_an_unreachable_store_fails_with_its_own_reason_after_the_retries() -> None:
+    line = "storage unreachable: cannot reach the S3 endpoint http://minio:9 (connection refused)"
+    failed = failed_job("BackoffLimitExceeded", "Job has reached the specified backoff limit", 3)
+    pods = [terminated_pod(exitcodes.STORAGE_UNREACHABLE, message=line)]
+    result = verdict(served(), failed, pods)
+    assert (result.phase, result.reason) == ("Failed", "StorageUnreachable")
+    assert result.message.startswith(line) and "3 time(s)" in result.message
+
+
+def test_a_retried_storage_outage_is_named_while_retrying() -> None:
+    line = "storage unreachable: cannot reach the S3 endpoint http://minio:9 (connection refused)"
+    pods = [terminated_pod(exitcodes.STORAGE_UNREACHABLE, message=line)]
+    result = verdict(served(), job(failed=1, active=0), pods)
+    assert (result.phase, result.reason) == ("Pending", "Retrying")
+    assert line in result.message
