@@ -36,6 +36,9 @@ OPEN_OBJECTS = {
     "podLabels",
     "serviceAccount.annotations",
     "metrics.serviceMonitor.labels",
+    "apiServer.resources",
+    "apiServer.nodeSelector",
+    "apiServer.serviceAccountAnnotations",
 }
 STRING_MAPS = {
     "nodeSelector",
@@ -43,6 +46,8 @@ STRING_MAPS = {
     "podLabels",
     "serviceAccount.annotations",
     "metrics.serviceMonitor.labels",
+    "apiServer.nodeSelector",
+    "apiServer.serviceAccountAnnotations",
 }
 # Constraints that a default value cannot show.
 EXTRA: dict[str, dict[str, Any]] = {
@@ -73,6 +78,44 @@ EXTRA: dict[str, dict[str, Any]] = {
         }
     },
     "tolerations": {"items": {"type": "object"}},
+    "apiServer.image.pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+    "apiServer.image.digest": {"pattern": r"^(sha256:[a-f0-9]{64})?$"},
+    "apiServer.port": {"minimum": 1, "maximum": 65535},
+    "apiServer.service.port": {"minimum": 1, "maximum": 65535},
+    "apiServer.service.type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+    "apiServer.replicaCount": {"minimum": 0},
+    "apiServer.storage.bucket": {"pattern": r"^([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])?$"},
+    "apiServer.storage.prefix": {"pattern": r"^([A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*)?$"},
+    "apiServer.storage.credentialsSecretName": {
+        "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
+    },
+    "apiServer.maxUploadBytes": {"minimum": 1},
+    "apiServer.logFormat": {"enum": ["text", "json"]},
+    "apiServer.logLevel": {"enum": ["debug", "info", "warning"]},
+    "apiServer.tolerations": {"items": {"type": "object"}},
+    "apiServer.extraEnv": {
+        "items": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {"name": {"type": "string"}},
+        }
+    },
+    # A catalogue entry (kubetune_api/catalogue.py checks the rest when the server starts).
+    "apiServer.models": {
+        "items": {
+            "type": "object",
+            "required": ["name", "uri"],
+            "properties": {
+                "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"},
+                "uri": {"type": "string"},
+                "description": {"type": "string"},
+                "ownedBy": {"type": "string"},
+                "maxBatchSize": {"type": "integer", "minimum": 1},
+                "spec": {"type": "object"},
+            },
+            "additionalProperties": False,
+        }
+    },
     "operator.extraEnv": {
         "items": {
             "type": "object",

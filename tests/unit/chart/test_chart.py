@@ -42,6 +42,17 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
 
+API_SERVER = (
+    "apiServer.enabled=true",
+    "apiServer.storage.bucket=kubetune",
+    "trainer.storage.endpoint=http://minio.storage:9000",
+    "trainer.storage.credentialsSecretName=s3-credentials",
+    "apiServer.models[0].name=llama-8b",
+    "apiServer.models[0].uri=s3://models/llama-8b/",
+    "apiServer.models[0].spec.resources.gpus=1",
+)
+
+
 def test_generated_files_are_up_to_date() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "charts/generate.py"), "--check"],
@@ -70,8 +81,9 @@ def test_helm_lint_is_clean() -> None:
         ),
         ("crds.enabled=false", "rbac.create=false", "serviceAccount.create=false",
          "serviceAccount.name=existing"),
+        API_SERVER,
     ],
-    ids=["defaults", "everything-on", "bring-your-own"],
+    ids=["defaults", "everything-on", "bring-your-own", "api-server"],
 )  # fmt: skip
 def test_rendered_manifests_validate_against_kubernetes_schemas(sets: tuple[str, ...]) -> None:
     docs = render(*sets)
@@ -112,7 +124,9 @@ def test_operator_pod_is_locked_down_by_default() -> None:
 
 
 def test_operator_rbac_never_touches_secrets_or_deletes() -> None:
-    (role,) = by_kind(render(), "ClusterRole")
+    (role,) = [
+        r for r in by_kind(render(), "ClusterRole") if r["metadata"]["name"] == "rel-kubetune"
+    ]
     for rule in role["rules"]:
         assert "secrets" not in rule["resources"]
         assert "*" not in rule["verbs"] and "delete" not in rule["verbs"]
@@ -177,3 +191,105 @@ def test_values_schema_documents_every_value() -> None:
                 assert child.get("description"), f"{here} has no `# --` comment in values.yaml"
 
     walk(schema, "")
+
+
+# ------------------------------------------------------------------ the OpenAI-compatible API
+
+
+def test_api_server_is_off_by_default() -> None:
+    docs = render()
+    assert [d["metadata"]["name"] for d in by_kind(docs, "Deployment")] == ["rel-kubetune"]
+    assert not [d for d in docs if d["metadata"]["name"].startswith("rel-kubetune-api")]
+
+
+def test_api_server_holds_no_kubernetes_credential_and_is_locked_down() -> None:
+    docs = render(*API_SERVER)
+    (deployment,) = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "rel-kubetune-api"
+    ]
+    labels = deployment["spec"]["selector"]["matchLabels"]
+    assert labels["app.kubernetes.io/component"] == "api"
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == "rel-kubetune-api"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["command"] == ["kubetune-api"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    # Its ServiceAccount is bound to nothing: it acts with its callers' tokens.
+    bindings = by_kind(docs, "RoleBinding") + by_kind(docs, "ClusterRoleBinding")
+    bound = {s["name"] for b in bindings for s in b.get("subjects", [])}
+    assert "rel-kubetune-api" not in bound
+    (account,) = [
+        a for a in by_kind(docs, "ServiceAccount") if a["metadata"]["name"] == "rel-kubetune-api"
+    ]
+    assert account["automountServiceAccountToken"] is False
+    # Only the cluster CA is mounted, to verify the API server.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["kubernetes-ca"]["configMap"]["name"] == "kube-root-ca.crt"
+    (service,) = [
+        s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "rel-kubetune-api"
+    ]
+    assert service["spec"]["selector"] == labels
+
+
+def test_api_server_values_reach_its_settings() -> None:
+    docs = render(*API_SERVER, "apiServer.maxUploadBytes=1048576", "apiServer.port=8123")
+    (deployment,) = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == "rel-kubetune-api"
+    ]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") or e.get("valueFrom") for e in container["env"]}
+    assert env["KUBETUNE_API_BUCKET"] == "kubetune"
+    assert env["KUBETUNE_API_PREFIX"] == "openai"
+    assert env["KUBETUNE_API_STORAGE_ENDPOINT"] == "http://minio.storage:9000"
+    assert env["KUBETUNE_API_MAX_UPLOAD_BYTES"] == "1048576"
+    assert env["KUBETUNE_API_PORT"] == "8123"
+    assert env["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
+    }
+    (catalogue,) = [
+        c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"] == "rel-kubetune-api-models"
+    ]
+    models = json.loads(catalogue["data"]["models.json"])
+    assert models == [{"name": "llama-8b", "uri": "s3://models/llama-8b/",
+                       "spec": {"resources": {"gpus": 1}}}]  # fmt: skip
+    # The catalogue the chart renders is one the server accepts.
+    from kubetune_api.catalogue import parse_catalogue  # noqa: PLC0415
+
+    assert list(parse_catalogue(models)) == ["llama-8b"]
+
+
+def test_user_role_grants_finetunejobs_to_namespace_editors_and_nothing_else() -> None:
+    (role,) = [
+        r for r in by_kind(render(), "ClusterRole") if r["metadata"]["name"] == "rel-kubetune-user"
+    ]
+    labels = role["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    assert resources == {"finetunejobs", "finetunejobs/status", "events"}
+    verbs = {
+        v for rule in role["rules"] if rule["resources"] == ["finetunejobs"] for v in rule["verbs"]
+    }
+    assert {"create", "get", "list", "patch"} <= verbs
+    off = render("userRole.create=false")
+    assert not [r for r in by_kind(off, "ClusterRole") if r["metadata"]["name"].endswith("-user")]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (("apiServer.enabled=true",), "needs apiServer.storage.bucket"),
+        (("apiServer.enabled=true", "apiServer.storage.bucket=Bad_Bucket"), "bucket"),
+        (("apiServer.models[0].name=x",), "uri"),
+        (("apiServer.models[0].name=ft:x", "apiServer.models[0].uri=hf://a/b"), "name"),
+        (("apiServer.logFormat=xml",), "logFormat"),
+    ],
+)
+def test_bad_api_server_values_fail_at_install(sets: tuple[str, ...], message: str) -> None:
+    args = [arg for value in sets for arg in ("--set", value)]
+    result = helm("template", "rel", str(CHART), *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
