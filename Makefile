@@ -14,7 +14,7 @@ LOCKED ?= 1
 PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv lock binaries cluster-up cluster-down cluster-status lint test demo crds chart bench
+.PHONY: help venv lock images binaries cluster-up cluster-down cluster-status lint test demo crds chart bench
 
 help:
 	@echo "make demo          local cluster + S3, the chart, and the quickstart FineTuneJob end to end"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench         CPU benchmarks (start-up, S3, operator scale, trainer) -> docs/benchmarks/"
 	@echo "make crds          regenerate crds/kubetune.dev_finetunejobs.yaml from the pydantic models"
 	@echo "make lock          regenerate the hashed dependency locks requirements/*.txt"
+	@echo "make images        build the operator and trainer images (BASE=local VARIANT=cpu REGISTRY=...)"
 
 $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +53,13 @@ lock: venv
 	$(UV_COMPILE) --extra operator --extra trainer --extra dev -o requirements/dev.txt
 	$(UV_COMPILE) --extra operator -c requirements/dev.txt -o requirements/operator.txt
 	$(UV_COMPILE) --extra trainer -c requirements/dev.txt -o requirements/trainer.txt
+
+# The operator and trainer images, tagged with the chart's appVersion (docs/images.md):
+#   make images                              public bases, the CUDA trainer
+#   make images BASE=local VARIANT=cpu       FROM a local Debian base (no registry needed), CPU trainer
+#   make images REGISTRY=registry.example.com/ml    also tag REGISTRY/{operator,trainer} and push
+images:
+	VARIANT=$(VARIANT) bash images/build.sh
 
 binaries:
 	bash tests/localenv/build-binaries.sh
