@@ -8,11 +8,15 @@ registered on the Storage's real client.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +26,11 @@ import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
 
-from kubetune_trainer.api import StorageConfig
+from kubetune_trainer import exitcodes
+from kubetune_trainer.__main__ import classify
+from kubetune_trainer.api import SecretKeySelector, StorageConfig
+from kubetune_trainer.errors import OutputExists
+from kubetune_trainer.ownership import Owner, claim_output, read_owner
 from kubetune_trainer.storage import (
     COMPLETE_MARKER,
     MiB,
@@ -78,6 +86,8 @@ def make_storage(s3env: dict[str, str], tmp_path: Path) -> Callable[..., Storage
         kwargs.setdefault("work_dir", tmp_path / "work")
         kwargs.setdefault("multipart_threshold", PART)
         kwargs.setdefault("multipart_chunksize", PART)
+        # No retrying unless a test asks for it: those below it want the first error.
+        kwargs.setdefault("retry_seconds", 0)
         return Storage(config, **kwargs)
 
     return make
@@ -423,3 +433,180 @@ def test_checkpoints_publish_resume_and_prune(
     assert storage.latest_complete_checkpoint(out) == (3, checkpoint_uri(out, 3))
     with pytest.raises(ValueError, match="keep must be at least 1"):
         storage.prune_checkpoints(out, keep=0)
+
+
+# ------------------------------------------------------------------------- retries and outages
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _LateProxy:
+    """A TCP forwarder to the real S3 server that starts listening only after `delay`
+    seconds: the store is unreachable (connection refused) until then."""
+
+    def __init__(self, target: str, delay: float) -> None:
+        self.port = _free_port()
+        host, port = target.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.stop = threading.Event()
+        self.thread = threading.Timer(delay, self._serve)
+        self.thread.daemon = True
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def _serve(self) -> None:
+        with socket.socket() as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1", self.port))
+            server.listen(16)
+            server.settimeout(0.2)
+            while not self.stop.is_set():
+                try:
+                    client, _ = server.accept()
+                except TimeoutError:
+                    continue
+                upstream = socket.create_connection(self.target)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.cancel()
+
+
+def test_an_unreachable_store_is_retried_for_the_retry_timeout_then_reported(
+    base: str, make_storage: Callable[..., Storage], tmp_path: Path, caplog: Any
+) -> None:
+    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens
+    storage = make_storage(StorageConfig(endpoint=endpoint), max_attempts=1, retry_seconds=4)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING), pytest.raises(StorageError) as info:
+        storage.fetch(f"{base}/data", tmp_path / "d")
+    elapsed = time.monotonic() - started
+    assert 4 <= elapsed < 15, elapsed
+    assert info.value.reason == "StorageUnreachable"
+    assert "connection refused" in str(info.value) and "spec.storage.retryTimeout" in str(
+        info.value
+    )
+    retries = [r for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(retries) >= 2  # backoff 1 s, 2 s, ...
+    # The trainer exits with the retried code, reason StorageUnreachable, not access denied.
+    assert classify(info.value)[0] == exitcodes.STORAGE_UNREACHABLE
+
+
+def test_a_store_that_comes_back_within_the_retry_timeout_is_used(
+    raw: Any,
+    s3env: dict[str, str],
+    base: str,
+    make_storage: Callable[..., Storage],
+    tmp_path: Path,
+) -> None:
+    put(raw, f"{base}/data/train.jsonl", b'{"text": "hello"}\n')
+    with _LateProxy(s3env["AWS_ENDPOINT_URL"], delay=2.5) as endpoint:
+        storage = make_storage(StorageConfig(endpoint=endpoint), max_attempts=1, retry_seconds=30)
+        local = storage.fetch(f"{base}/data", tmp_path / "d")
+    assert (local / "train.jsonl").read_bytes() == b'{"text": "hello"}\n'
+
+
+def test_access_denied_is_not_retried(
+    base: str, make_storage: Callable[..., Storage], s3env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**s3env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    storage = make_storage(env=env, retry_seconds=30)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        storage.fetch(f"{base}/data", tmp_path / "d")
+    assert info.value.reason == "StorageAccessDenied" and time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("variable", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
+def test_a_credential_with_a_trailing_newline_is_refused_naming_the_secret_and_key(
+    make_storage: Callable[..., Storage], s3env: dict[str, str], variable: str
+) -> None:
+    env = {**s3env, variable: s3env[variable] + "\n"}
+    ref = SecretKeySelector(name="team-s3", access_key_id_key="id", secret_access_key_key="key")
+    with pytest.raises(StorageError) as info:
+        make_storage(StorageConfig(credentials_secret_ref=ref), env=env)
+    message = str(info.value)
+    key = "id" if variable == "AWS_ACCESS_KEY_ID" else "key"
+    assert info.value.reason == "StorageCredentialsInvalid"
+    assert f"key {key} of Secret 'team-s3'" in message and "newline" in message
+    assert s3env[variable] not in message
+
+
+# ----------------------------------------------------------------- ownership and checkpoints
+
+
+JOB_A = Owner(uid="uid-a", namespace="team", name="support")
+JOB_B = Owner(uid="uid-b", namespace="team", name="support")  # same name, recreated
+
+
+def test_a_job_claims_its_output_and_refuses_another_jobs(
+    raw: Any, base: str, make_storage: Callable[..., Storage]
+) -> None:
+    storage = make_storage()
+    out = f"{base}/out"
+    assert claim_output(storage, out, JOB_A, overwrite=False) == "claimed"
+    assert claim_output(storage, out, JOB_A, overwrite=False) == "ours"  # a retried pod
+    put(raw, f"{out}/adapter_model.safetensors", b"weights of job A")
+    with pytest.raises(OutputExists) as refused:
+        claim_output(storage, out, JOB_B, overwrite=False)
+    assert "FineTuneJob team/support (uid uid-a)" in str(refused.value)
+    assert "output.overwrite" in str(refused.value)
+    assert storage.read_bytes(f"{out}/adapter_model.safetensors") == b"weights of job A"
+    assert claim_output(storage, out, JOB_B, overwrite=True) == "overwritten"
+    assert not storage.exists(f"{out}/adapter_model.safetensors")
+    assert read_owner(storage, out) is not None and read_owner(storage, out)[0] == JOB_B  # type: ignore[index]
+
+
+def test_unclaimed_files_in_the_output_are_not_overwritten(
+    raw: Any, base: str, make_storage: Callable[..., Storage]
+) -> None:
+    storage = make_storage()
+    put(raw, f"{base}/out/train.jsonl", b"someone's data")
+    with pytest.raises(OutputExists, match=r"1 object\(s\) no FineTuneJob claimed .*train.jsonl"):
+        claim_output(storage, f"{base}/out", JOB_A, overwrite=False)
+    # A sibling prefix is not inside the output.
+    assert claim_output(storage, f"{base}/out-2", JOB_A, overwrite=False) == "claimed"
+
+
+def test_a_claim_is_an_atomic_create(base: str, make_storage: Callable[..., Storage]) -> None:
+    storage = make_storage()
+    assert storage.create_bytes(f"{base}/x", b"first") is True
+    assert storage.create_bytes(f"{base}/x", b"second") is False
+    assert storage.read_bytes(f"{base}/x") == b"first"
+
+
+def test_a_job_resumes_only_its_own_checksum_verified_checkpoints(
+    raw: Any, base: str, make_storage: Callable[..., Storage], tmp_path: Path
+) -> None:
+    storage = make_storage()
+    out = f"{base}/out"
+    for step in (1, 2):
+        storage.publish_checkpoint(checkpoint_dir(tmp_path, step), out, step, owner="uid-a")
+    assert storage.complete_checkpoints(out, owner="uid-b") == []
+    assert [s for s, _ in storage.complete_checkpoints(out, owner="uid-a")] == [2, 1]
+    # Same size, other content: the listing's sizes cannot tell, the SHA-256 can.
+    newest = checkpoint_uri(out, 2)
+    original = storage.read_bytes(f"{newest}trainer_state.json")
+    put(raw, f"{newest}trainer_state.json", bytes(b ^ 1 for b in original))
+    with pytest.raises(StorageError) as corrupted:
+        storage.fetch_checkpoint(newest, tmp_path / "resume-2")
+    assert corrupted.value.reason == "StorageChecksumMismatch" and "trainer_state.json" in str(
+        corrupted.value
+    )
+    local = storage.fetch_checkpoint(checkpoint_uri(out, 1), tmp_path / "resume-1")
+    assert (local / "trainer_state.json").is_file()

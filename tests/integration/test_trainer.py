@@ -71,7 +71,9 @@ def download_verified(s3: S3, key: str, local: Path) -> Path:
     present = {
         p.relative_to(local).as_posix()
         for p in local.rglob("*")
-        if p.is_file() and "checkpoints" not in p.parts and p.name != MANIFEST_NAME
+        if p.is_file()
+        and not {"checkpoints", ".kubetune"} & set(p.parts)  # resumable state, job control
+        and p.name != MANIFEST_NAME
     }
     assert listed == present
     assert verify_manifest(manifest, local) == len(listed)
@@ -502,3 +504,107 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(
     # The finished run pruned to `keep` complete checkpoints, the incomplete one is gone.
     left = sorted({k.split("/")[0] for k in s3.keys("out/resumed/checkpoints")})
     assert left[-1] == f"step-{total:09d}" and len(left) <= 2, left
+
+
+# ------------------------------------------------------------------------- trust: issue cases
+
+
+def _owned(job_uid: str) -> dict[str, str]:
+    return {"namespace": "team", "name": "support", "uid": job_uid}
+
+
+def test_a_new_job_neither_resumes_nor_overwrites_another_jobs_output(
+    s3: S3,
+    base_model_uri: str,
+    datasets: dict[str, tuple[str, str]],
+    run_trainer: Any,
+    tmp_path: Path,
+) -> None:
+    """The quickstart deleted and applied again with other settings: the old run's finished
+    model and checkpoints stay, unresumed, unless the new job says output.overwrite."""
+    train, validation = datasets["prompt-completion"]
+
+    def config(uid: str, name: str, **spec: Any) -> dict[str, Any]:
+        return trainer_config(
+            base_model_uri=base_model_uri,
+            train_uri=train,
+            validation_uri=validation,
+            output_uri=s3.uri("out/owned"),
+            work_dir=tmp_path / name,
+            job=_owned(uid),
+            evaluation={"metrics": ["loss"], "sampleSize": 0},
+            **spec,
+        )
+
+    first = run_trainer(config("uid-first", "first", hyperparameters={"epochs": 2}), name="first")
+    assert_succeeded(first)
+    published = s3.get(f"out/owned/{MANIFEST_NAME}")
+    first_steps = metrics_of(s3, "out/owned")["steps"]
+
+    # Same name, new uid, other epochs and learning rate (the issue's reproduction).
+    changed = {"hyperparameters": {"epochs": 1, "learningRate": 5e-3}}
+    second = run_trainer(config("uid-second", "second", **changed), name="second")
+    assert second.returncode == exitcodes.OUTPUT_EXISTS, second.output[-3000:]
+    message = second.termination_message
+    assert message.startswith("output exists: output.uri s3://")
+    assert "FineTuneJob team/support (uid uid-first)" in message
+    assert "spec.output.overwrite: true" in message
+    assert not second.log_lines("RESUMING") and not second.log_lines("loading the base model")
+    assert s3.get(f"out/owned/{MANIFEST_NAME}") == published  # nothing was touched
+
+    overwrite = {**changed, "output": {"uri": s3.uri("out/owned"), "overwrite": True}}
+    third = run_trainer(config("uid-second", "third", **overwrite), name="third")
+    assert_succeeded(third)
+    assert third.log_lines("previous contents deleted (output.overwrite)")
+    assert third.log_lines("no checkpoint under") and not third.log_lines("resuming from")
+    metrics = metrics_of(s3, "out/owned")
+    assert metrics["steps"] == metrics["total_steps"] < first_steps  # its own run, from step 0
+
+
+def test_sigterm_before_training_stops_the_run_at_once(
+    *,
+    s3: S3,
+    base_model_uri: str,
+    datasets: dict[str, tuple[str, str]],
+    start_trainer: Any,
+    tmp_path: Path,
+) -> None:
+    train, _ = datasets["chat"]
+    run = start_trainer(
+        trainer_config(
+            base_model_uri=base_model_uri,
+            train_uri=train,
+            output_uri=s3.uri("out/sigterm-early"),
+            work_dir=tmp_path / "work",
+        )
+    )
+    assert run.read_until(lambda line: "output s3://" in line), "".join(run.lines)
+    run.proc.send_signal(signal.SIGTERM)
+    result = run.wait(timeout=30)
+    assert result.returncode == exitcodes.PREEMPTED, result.output[-3000:]
+    assert "outside the training loop" in result.termination_message
+
+
+def test_a_credential_with_a_newline_fails_naming_the_secret_and_leaks_nowhere(
+    *,
+    s3: S3,
+    cluster: Cluster,
+    base_model_uri: str,
+    datasets: dict[str, tuple[str, str]],
+    run_trainer: Any,
+    tmp_path: Path,
+) -> None:
+    key_id = cluster.s3_env["AWS_ACCESS_KEY_ID"]
+    train, _ = datasets["chat"]
+    config = trainer_config(
+        base_model_uri=base_model_uri,
+        train_uri=train,
+        output_uri=s3.uri("out/bad-key"),
+        work_dir=tmp_path / "work",
+        storage={"credentialsSecretRef": {"name": "s3-credentials"}},
+    )
+    run = run_trainer(config, env={"AWS_ACCESS_KEY_ID": key_id + "\n"}, timeout=60)
+    assert run.returncode == exitcodes.STORAGE_ERROR, run.output[-3000:]
+    assert "key AWS_ACCESS_KEY_ID of Secret 's3-credentials'" in run.termination_message
+    for text in (run.output, run.termination_message):
+        assert key_id not in text

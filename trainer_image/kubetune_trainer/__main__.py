@@ -22,7 +22,10 @@ from kubetune_trainer import exitcodes
 from kubetune_trainer.api import FineTuneSpec
 from kubetune_trainer.config import CONFIG_PATH, TrainerConfig
 from kubetune_trainer.data.records import DatasetError
-from kubetune_trainer.errors import ConfigError, ModelError, Preempted
+from kubetune_trainer.errors import ConfigError, ModelError, OutputExists, Preempted
+from kubetune_trainer.preemption import SigtermFlag
+from kubetune_trainer.redact import install as install_redaction
+from kubetune_trainer.redact import redact
 from kubetune_trainer.storage import StorageError
 
 log = logging.getLogger("kubetune_trainer")
@@ -32,26 +35,25 @@ DEFAULT_TERMINATION_LOG: Final = "/dev/termination-log"
 # Kubernetes keeps 4096 bytes of a termination message; the operator shows the first 512
 # characters of its first line in status.message.
 MESSAGE_LIMIT: Final = 512
-# Environment variables whose values must never appear in a message.
-SECRET_ENV: Final = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 # StorageError.reason values that mean "the input is not there" (permanent, INPUT_NOT_FOUND).
 _NOT_FOUND_REASONS: Final = frozenset({"StorageNotFound", "StorageNoSuchBucket"})
-# ...and those a retry can fix (an overloaded store, a network blip, an object replaced
-# mid-download, a full local disk): not permanent, so the Job's backoffLimit retries them
-# and the run resumes from its last checkpoint.
-_TRANSIENT_REASONS: Final = frozenset(
-    {"StorageUnavailable", "StorageTimeout", "StorageObjectChanged", "StorageLocalError"}
+# ...those that are a wrong setting in spec.storage or a URI (permanent, CONFIG_ERROR)...
+_WRONG_SETTING_REASONS: Final = frozenset({"StorageWrongRegion", "StorageInvalidUri"})
+# ...those that mean the store could not be reached or kept failing for storage.retryTimeout
+# (Storage retried them already): retried by the Job, with reason StorageUnreachable...
+_UNREACHABLE_REASONS: Final = frozenset(
+    {"StorageUnreachable", "StorageUnavailable", "StorageTimeout", "StorageClockSkew"}
 )
+# ...and those another attempt can fix (an object replaced mid-download, a full local disk):
+# not permanent either, so the Job's backoffLimit retries them and the run resumes from its
+# last checkpoint.
+_TRANSIENT_REASONS: Final = frozenset({"StorageObjectChanged", "StorageLocalError"})
 
 
 def one_line(message: str, env: Mapping[str, str] | None = None) -> str:
-    """Whitespace collapsed, credentials redacted, truncated for a termination message."""
-    env = os.environ if env is None else env
-    text = " ".join(message.split())
-    for name in SECRET_ENV:
-        secret = env.get(name)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
+    """Credentials redacted (before whitespace is collapsed: a secret may contain some),
+    whitespace collapsed, truncated for a termination message."""
+    text = " ".join(redact(message, env).split())
     if len(text) > MESSAGE_LIMIT:
         text = text[: MESSAGE_LIMIT - 1] + "…"
     return text
@@ -94,9 +96,15 @@ def classify(exc: BaseException, spec: FineTuneSpec | None = None) -> tuple[int,
         return exitcodes.PREEMPTED, f"preempted: {exc}"
     if isinstance(exc, DatasetError):
         return exitcodes.DATA_ERROR, f"data error: {exc}"
+    if isinstance(exc, OutputExists):
+        return exitcodes.OUTPUT_EXISTS, f"output exists: {exc}"
     if isinstance(exc, StorageError):
         if exc.reason in _NOT_FOUND_REASONS:
             return exitcodes.INPUT_NOT_FOUND, f"input not found: {exc}"
+        if exc.reason in _UNREACHABLE_REASONS:
+            return exitcodes.STORAGE_UNREACHABLE, f"storage unreachable: {exc}"
+        if exc.reason in _WRONG_SETTING_REASONS:
+            return exitcodes.CONFIG_ERROR, f"storage settings: {exc}"
         if exc.reason in _TRANSIENT_REASONS:
             return exitcodes.INTERNAL_ERROR, f"storage error (retried): {exc}"
         return exitcodes.STORAGE_ERROR, f"storage error: {exc}"
@@ -191,6 +199,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         help=f"TrainerConfig JSON (default {CONFIG_PATH}, mounted by the operator)",
     )
     args = parser.parse_args(argv)
+    # First of all: whatever is printed from here on (logs, tracebacks) has no credentials, and
+    # SIGTERM stops the run cleanly (with a checkpoint while training) from this moment on.
+    install_redaction()
+    preemption = SigtermFlag()
+    preemption.install()
     configure_logging()
 
     from kubetune_trainer.recipe import FineTuneRecipe  # noqa: PLC0415 - after logging setup
@@ -201,7 +214,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         spec = config.spec
         hide_bitsandbytes(spec)
-        recipe = FineTuneRecipe(config)
+        recipe = FineTuneRecipe(config, preemption=preemption)
         recipe.setup()
         recipe.train()
         recipe.evaluate()

@@ -20,14 +20,11 @@ import hashlib
 import json
 import logging
 import random
-import signal
-import threading
 import time
 from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final, cast
 
 import numpy as np
@@ -219,41 +216,6 @@ def load_training_state(
 
 
 # -------------------------------------------------------------------------------- triggers
-
-
-class SigtermFlag:
-    """SIGTERM (preemption, node drain, `kubectl delete pod`) sets a flag instead of killing.
-
-    The training loop checks it at every optimizer-step boundary, saves a checkpoint and exits
-    with PREEMPTED, well inside Kubernetes' termination grace period for LoRA-sized states.
-    """
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._previous: Any = None
-        self._installed = False
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            log.warning("not in the main thread: SIGTERM will not checkpoint")
-            return
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._installed = True
-
-    def uninstall(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        # Only set a flag: anything else here could run in the middle of a CUDA call.
-        self._event.set()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
 
 
 class CheckpointPolicy:

@@ -17,14 +17,21 @@ class ModelError(Exception):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of `step` was published (None: stopped before training)."""
+    """SIGTERM arrived; a checkpoint of `step` was published (None: outside the training loop,
+    where there was nothing new to save)."""
 
     def __init__(self, step: int | None, checkpoint_uri: str | None = None) -> None:
         where = f"checkpoint of step {step} at {checkpoint_uri}" if checkpoint_uri else None
         super().__init__(
             f"stopped by SIGTERM; resumes from the {where}"
             if where
-            else "stopped by SIGTERM before training started"
+            else "stopped by SIGTERM outside the training loop; the next attempt resumes from "
+            "the last checkpoint, if there is one"
         )
         self.step = step
         self.checkpoint_uri = checkpoint_uri
+
+
+class OutputExists(Exception):
+    """spec.output.uri holds files this FineTuneJob did not write, and output.overwrite is
+    false: nothing is overwritten, and no other job's checkpoint is resumed."""

@@ -55,7 +55,6 @@ from kubetune_trainer.api import (
 )
 from kubetune_trainer.checkpoint import (
     CheckpointPolicy,
-    SigtermFlag,
     TrainerState,
     data_fingerprint,
     load_training_state,
@@ -108,7 +107,9 @@ from kubetune_trainer.modeling import (
     save_trainable,
     supports_trained_logits,
 )
+from kubetune_trainer.ownership import Owner, claim_output
 from kubetune_trainer.plan import MicroBatch, StepBatches, TrainingPlan, build_scheduler
+from kubetune_trainer.preemption import SigtermFlag
 from kubetune_trainer.publish import (
     MERGED_DIR,
     METRICS_FILE,
@@ -210,7 +211,13 @@ def train_step(
 class FineTuneRecipe:
     """LoRA / QLoRA / full fine-tuning of a causal LM from object storage."""
 
-    def __init__(self, config: TrainerConfig, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainerConfig,
+        *,
+        env: Mapping[str, str] | None = None,
+        preemption: SigtermFlag | None = None,
+    ) -> None:
         self.config = config
         self.spec = config.spec
         self.env = os.environ if env is None else env
@@ -239,7 +246,7 @@ class FineTuneRecipe:
         self.reporter = StatusReporter.from_environment(
             config.job if self.is_main else None, self.env
         )
-        self.preemption = SigtermFlag()
+        self.preemption = preemption or SigtermFlag()
         # hyperparameters.packing, unless the model turns out not to keep packed sequences
         # apart (_setup_model); training and evaluation follow this.
         self.packing = self.spec.hyperparameters.packing
@@ -263,6 +270,7 @@ class FineTuneRecipe:
         disable()  # tqdm bars are noise in `kubectl logs`
         seed_everything(self.spec.hyperparameters.seed)
         self._setup_storage()
+        self._setup_output()
         self._setup_data()
         self._setup_model_files()
         self._setup_tokenizer()
@@ -279,6 +287,25 @@ class FineTuneRecipe:
         self.storage = Storage.from_trainer_config(self.config, env=self.env)
         # The history of progress reports (training_log.py), next to the output; rank 0 only.
         self.training_log = TrainingLog(self.storage, self.spec.output.uri, enabled=self.is_main)
+
+    def _setup_output(self) -> None:
+        """Claim output.uri for this job before anything is downloaded (ownership.py): a job
+        whose output holds another job's files fails in seconds, and overwrites them only
+        with output.overwrite. Rank 0 claims; the others write nothing there themselves."""
+        self.owner = Owner.of(self.config.job)
+        if not self.is_main:
+            return
+        output = self.spec.output.uri
+        claim = claim_output(self.storage, output, self.owner, overwrite=self.spec.output.overwrite)
+        log.info(
+            "output %s: %s",
+            output,
+            {
+                "claimed": f"claimed for {self.owner.describe()}",
+                "ours": "already ours (a retry or resume of this job)",
+                "overwritten": "previous contents deleted (output.overwrite) and claimed",
+            }[claim],
+        )
 
     def _fetch(self, uri: str, name: str, revision: str | None = None) -> Path:
         return self.storage.fetch(uri, self.work_dir / name, revision=revision)
@@ -545,12 +572,11 @@ class FineTuneRecipe:
             training_spec=current,
             data_fingerprint=data_fingerprint(self.train_examples),
         )
-        found = self.storage.latest_complete_checkpoint(self.spec.output.uri)
+        found = self._verified_checkpoint()
         if found is None:
             log.info("no checkpoint under %s: training from step 0", self.spec.output.uri)
             return
-        step, uri = found
-        local = self._fetch(uri, f"resume/step-{step}")
+        uri, local = found
         saved = read_state(local)
         differences = spec_differences(saved.training_spec, current)
         if differences:
@@ -602,6 +628,21 @@ class FineTuneRecipe:
             saved.batch_index,
         )
 
+    def _verified_checkpoint(self) -> tuple[str, Path] | None:
+        """(uri, local copy) of the newest of this job's complete checkpoints whose files match
+        their recorded SHA-256; a corrupted one is skipped, loudly, for the one before."""
+        output = self.spec.output.uri
+        for step, uri in self.storage.complete_checkpoints(output, self.owner.uid):
+            try:
+                return uri, self.storage.fetch_checkpoint(
+                    uri, self.work_dir / f"resume/step-{step}"
+                )
+            except StorageError as exc:
+                if exc.reason != "StorageChecksumMismatch":
+                    raise
+                log.error("NOT RESUMING FROM A CORRUPTED CHECKPOINT: %s", exc)
+        return None
+
     # ------------------------------------------------------------------------------ train
 
     def train(self) -> None:
@@ -636,11 +677,10 @@ class FineTuneRecipe:
             return
         # QLoRA in eval mode silently skips gradient checkpointing: always train() first.
         self.model.train()
-        self.preemption.install()
-        try:
+        self.preemption.install()  # already, when run by __main__ (from its first moment)
+        # Inside the loop SIGTERM is a flag the loop checkpoints on; outside it, it stops.
+        with self.preemption.deferred(lambda: self.state.step):
             self._train_loop()
-        finally:
-            self.preemption.uninstall()
 
     def _train_loop(self) -> None:
         state, total = self.state, self.plan.total_steps
@@ -784,8 +824,10 @@ class FineTuneRecipe:
                 scaler=self.scaler,
             )
             output = self.spec.output.uri
-            uri = self.storage.publish_checkpoint(local, output, step)
-            pruned = self.storage.prune_checkpoints(output, self.spec.checkpointing.keep)
+            uri = self.storage.publish_checkpoint(local, output, step, owner=self.owner.uid)
+            pruned = self.storage.prune_checkpoints(
+                output, self.spec.checkpointing.keep, owner=self.owner.uid
+            )
             shutil.rmtree(local, ignore_errors=True)
             log.info(
                 "checkpoint of step %d published to %s in %.1fs%s",

@@ -18,6 +18,7 @@ same volume, or a second fetch of unchanged data, downloads nothing.
 from __future__ import annotations
 
 import builtins
+import functools
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -60,7 +61,7 @@ from botocore.exceptions import (
 from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 from s3transfer.subscribers import BaseSubscriber
 
-from kubetune_trainer.api import OutputFile, StorageConfig
+from kubetune_trainer.api import OutputFile, StorageConfig, duration_seconds
 from kubetune_trainer.config import PVC_ROOT, WORK_DIR, TrainerConfig
 
 if TYPE_CHECKING:
@@ -86,6 +87,13 @@ _HF_REPO_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z
 _MANIFEST_LINE_RE: Final = re.compile(r"([0-9a-f]{64}) [ *](.+)")
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+_P = ParamSpec("_P")
+# Failures that may pass (the store is down, overloaded or unreachable for now): retried with
+# backoff for StorageConfig.retryTimeout, then reported as they are.
+RETRIED_REASONS: Final = frozenset(
+    {"StorageUnreachable", "StorageTimeout", "StorageUnavailable", "StorageClockSkew"}
+)
+_MAX_RETRY_DELAY: Final = 30.0
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -666,6 +674,58 @@ class _Batch:
         self._manager.__exit__(exc_type, exc, tb)
 
 
+def check_credentials(env: Mapping[str, str], config: StorageConfig) -> None:
+    """Refuse credentials no S3 client can send: whitespace or a control character (typically
+    a trailing newline from `echo` or a file) makes the HTTP client reject the header and quote
+    it, key and all. The message names the Secret and key, never the value."""
+    ref = config.credentials_secret_ref
+    keys = {
+        "AWS_ACCESS_KEY_ID": ref.access_key_id_key if ref else None,
+        "AWS_SECRET_ACCESS_KEY": ref.secret_access_key_key if ref else None,
+        "AWS_SESSION_TOKEN": None,
+    }
+    for variable, key in keys.items():
+        value = env.get(variable)
+        if not value or not any(c.isspace() or not c.isprintable() for c in value):
+            continue
+        where = (
+            f"key {key} of Secret {ref.name!r} (spec.storage.credentialsSecretRef)"
+            if ref is not None and key is not None
+            else f"the environment variable {variable}"
+        )
+        fix = (
+            f"recreate it without the newline, e.g. `kubectl create secret generic {ref.name} "
+            f"--from-literal={key}=...` or `printf %s` instead of `echo`"
+            if ref is not None and key is not None
+            else "set it without whitespace"
+        )
+        raise StorageError(
+            f"the value of {where} contains whitespace or a control character (often a "
+            f"trailing newline): {fix}",
+            uri=config.endpoint or "s3://",
+            reason="StorageCredentialsInvalid",
+        )
+
+
+def _retried(
+    method: Callable[Concatenate[Storage, _P], _R],
+) -> Callable[Concatenate[Storage, _P], _R]:
+    """Run a public Storage method under Storage._retry (only the outermost call retries: a
+    method that calls another does not multiply the waiting)."""
+
+    def wrapper(self: Storage, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if getattr(self._local, "retrying", False):
+            return method(self, *args, **kwargs)
+        self._local.retrying = True
+        try:
+            return self._retry(lambda: method(self, *args, **kwargs))
+        finally:
+            self._local.retrying = False
+
+    functools.update_wrapper(wrapper, method)
+    return wrapper
+
+
 def _version_name(etag: str, size: int) -> str:
     clean = re.sub(r"[^0-9A-Za-z-]", "", etag)[:80]
     return f"{clean}-{size}"
@@ -694,9 +754,15 @@ class Storage:
         max_attempts: int = 5,
         connect_timeout: float = 10,
         read_timeout: float = 60,
+        retry_seconds: float | None = None,
     ) -> None:
         config = config or StorageConfig()
         env = os.environ if env is None else env
+        check_credentials(env, config)
+        self.retry_seconds = (
+            duration_seconds(config.retry_timeout) if retry_seconds is None else retry_seconds
+        )
+        self._local = threading.local()
         self.endpoint: str | None = (
             config.endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
         )
@@ -782,6 +848,38 @@ class Storage:
     ) -> Storage:
         return cls(config.spec.storage, env=env, work_dir=config.work_dir, **kwargs)
 
+    def _retry(self, operation: Callable[[], _R]) -> _R:
+        """`operation`, tried again with exponential backoff (1 s doubling to 30 s) while it
+        fails in a way that may pass (RETRIED_REASONS), for at most retry_seconds in all."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay, attempt = 1.0, 1
+        while True:
+            try:
+                return operation()
+            except StorageError as exc:
+                remaining = deadline - time.monotonic()
+                if exc.reason not in RETRIED_REASONS:
+                    raise
+                if remaining <= 0:
+                    if attempt == 1:
+                        raise
+                    raise StorageError(
+                        f"{exc} (still failing after {attempt} attempts in "
+                        f"{self.retry_seconds:g}s: spec.storage.retryTimeout)",
+                        uri=exc.uri,
+                        reason=exc.reason,
+                    ) from exc
+                wait = min(delay, remaining)
+                log.warning(
+                    "%s; retrying in %.0fs (attempt %d, for up to %.0fs more)",
+                    exc,
+                    wait,
+                    attempt,
+                    remaining,
+                )
+                time.sleep(wait)
+                delay, attempt = min(delay * 2, _MAX_RETRY_DELAY), attempt + 1
+
     def _count_call(self, model: OperationModel, **kwargs: Any) -> None:
         self.stats.count_call(model.name)
 
@@ -845,10 +943,12 @@ class Storage:
                 children.append(self._info(src.bucket, o, key[len(src.key) + 1 :]))
         return ([exact], True) if exact is not None else (children, False)
 
+    @_retried
     def list(self, uri: str) -> builtins.list[ObjectInfo]:
         """Objects at `uri`: the object itself, or everything under it as a directory."""
         return self._resolve(S3Uri.parse(uri))[0]
 
+    @_retried
     def exists(self, uri: str) -> bool:
         """Whether an object or any object below `uri` (as a directory) exists."""
         src = S3Uri.parse(uri)
@@ -859,6 +959,7 @@ class Storage:
             for o in self._list_raw(src.bucket, src.key, uri)
         )
 
+    @_retried
     def read_bytes(self, uri: str) -> bytes:
         src = S3Uri.parse(uri)
         with self._mapped(src, "read"):
@@ -870,6 +971,7 @@ class Storage:
 
     # ------------------------------------------------------------------------- fetching
 
+    @_retried
     def fetch(self, uri: str, dest: str | os.PathLike[str], *, revision: str | None = None) -> Path:
         """Make `uri` available locally and return its local path.
 
@@ -991,6 +1093,7 @@ class Storage:
 
     # -------------------------------------------------------------------------- uploading
 
+    @_retried
     def upload_file(self, local: str | os.PathLike[str], uri: str) -> UploadedFile:
         """Upload one file to exactly `uri`; `path` in the result is the object's name."""
         path = Path(local)
@@ -998,6 +1101,7 @@ class Storage:
         with _Batch(self.client, self.transfer_config) as batch:
             return self._upload_one(batch, path, dst, PurePosixPath(dst.key).name)
 
+    @_retried
     def upload_dir(
         self, local_dir: str | os.PathLike[str], uri: str
     ) -> builtins.list[UploadedFile]:
@@ -1051,6 +1155,7 @@ class Storage:
         self.stats.add(uploaded_objects=1, uploaded_bytes=size)
         return UploadedFile(path=rel, size=size, sha256=digest)
 
+    @_retried
     def put_bytes(
         self, uri: str, data: bytes, content_type: str = "application/octet-stream"
     ) -> None:
@@ -1061,6 +1166,30 @@ class Storage:
             )
         self.stats.add(uploaded_objects=1, uploaded_bytes=len(data))
 
+    @_retried
+    def create_bytes(
+        self, uri: str, data: bytes, content_type: str = "application/octet-stream"
+    ) -> bool:
+        """Store `data` at `uri` only if no object is there: an atomic create (an S3 conditional
+        write, If-None-Match: *). False when one already was."""
+        dst = S3Uri.parse(uri)
+        try:
+            with self._mapped(dst, "write"):
+                self.client.put_object(
+                    Bucket=dst.bucket,
+                    Key=dst.key,
+                    Body=data,
+                    ContentType=content_type,
+                    IfNoneMatch="*",
+                )
+        except StorageError as exc:
+            if exc.reason == "StorageObjectChanged":  # 412 Precondition Failed: it exists
+                return False
+            raise
+        self.stats.add(uploaded_objects=1, uploaded_bytes=len(data))
+        return True
+
+    @_retried
     def put_json(self, uri: str, value: Any) -> None:
         data = json.dumps(value, indent=2, sort_keys=True).encode("utf-8") + b"\n"
         self.put_bytes(uri, data, "application/json")
@@ -1087,6 +1216,7 @@ class Storage:
                     ctx=self._errors,
                 )
 
+    @_retried
     def delete_prefix(self, uri: str) -> int:
         """Delete the object at `uri` and everything below it as a directory; return the count.
 
@@ -1110,14 +1240,20 @@ class Storage:
 
     # ------------------------------------------------------------------------- checkpoints
 
+    @_retried
     def publish_checkpoint(
-        self, local_dir: str | os.PathLike[str], output_uri: str, step: int
+        self,
+        local_dir: str | os.PathLike[str],
+        output_uri: str,
+        step: int,
+        *,
+        owner: str | None = None,
     ) -> str:
         """Upload a checkpoint to <output>/checkpoints/step-<9 digits>/ and return its URI.
 
-        The _COMPLETE marker (JSON: step and every file's size and SHA-256) is written last,
-        after all files are stored: a pod killed mid-upload leaves a prefix without a marker,
-        which latest_complete_checkpoint ignores.
+        The _COMPLETE marker (JSON: step, the owner (the FineTuneJob's uid) and every file's
+        size and SHA-256) is written last, after all files are stored: a pod killed mid-upload
+        leaves a prefix without a marker, which complete_checkpoints ignores.
         """
         if (Path(local_dir) / COMPLETE_MARKER).exists():
             raise StorageError(
@@ -1139,6 +1275,7 @@ class Storage:
             str(marker),
             {
                 "step": step,
+                "owner": owner,
                 "createdAt": datetime.now(UTC).isoformat(timespec="seconds"),
                 "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files],
             },
@@ -1158,15 +1295,24 @@ class Storage:
             ckpt.sizes[rest] = int(obj["Size"])
         return found
 
-    def _vouched(self, ckpt: _Checkpoint) -> bool:
-        """Whether the checkpoint's marker exists, names its step, and lists files that all
-        exist with the recorded sizes (one GET; the sizes come from the listing)."""
+    def _vouched(self, ckpt: _Checkpoint, owner: str | None = None) -> bool:
+        """Whether the checkpoint's marker exists, names its step (and `owner`, when given),
+        and lists files that all exist with the recorded sizes (one GET; the sizes come from
+        the listing)."""
         if COMPLETE_MARKER not in ckpt.sizes:
             return False
         marker_uri = str(S3Uri.parse(ckpt.uri).join(COMPLETE_MARKER))
         try:
             marker = json.loads(self.read_bytes(marker_uri))
             files = {str(f["path"]): int(f["size"]) for f in marker["files"]}
+            if owner is not None and marker.get("owner") != owner:
+                log.warning(
+                    "ignoring checkpoint %s: written by another job (owner %s, not %s)",
+                    ckpt.uri,
+                    marker.get("owner"),
+                    owner,
+                )
+                return False
             valid = marker["step"] == ckpt.step and all(
                 ckpt.sizes.get(path) == size for path, size in files.items()
             )
@@ -1181,15 +1327,55 @@ class Storage:
             log.warning("ignoring checkpoint %s: its marker does not match its files", ckpt.uri)
         return bool(valid)
 
-    def latest_complete_checkpoint(self, output_uri: str) -> tuple[int, str] | None:
-        """(step, uri) of the newest checkpoint whose _COMPLETE marker vouches for its files;
-        None when there is none. Prefixes without a marker (killed uploads) never qualify."""
-        for ckpt in sorted(self._scan_checkpoints(output_uri).values(), key=lambda c: -c.step):
-            if self._vouched(ckpt):
-                return ckpt.step, ckpt.uri
-        return None
+    @_retried
+    def complete_checkpoints(
+        self, output_uri: str, owner: str | None = None
+    ) -> builtins.list[tuple[int, str]]:
+        """(step, uri) of every checkpoint whose _COMPLETE marker vouches for its files (and
+        names `owner`, when given), newest first. Prefixes without a marker (killed uploads)
+        never qualify, nor do another job's checkpoints."""
+        found = sorted(self._scan_checkpoints(output_uri).values(), key=lambda c: -c.step)
+        return [(c.step, c.uri) for c in found if self._vouched(c, owner)]
 
-    def prune_checkpoints(self, output_uri: str, keep: int) -> builtins.list[int]:
+    def latest_complete_checkpoint(
+        self, output_uri: str, owner: str | None = None
+    ) -> tuple[int, str] | None:
+        """The newest of complete_checkpoints, or None."""
+        return next(iter(self.complete_checkpoints(output_uri, owner)), None)
+
+    @_retried
+    def fetch_checkpoint(self, uri: str, dest: str | os.PathLike[str]) -> Path:
+        """Download a complete checkpoint and check every file against the SHA-256 its
+        _COMPLETE marker recorded (sizes alone miss a corrupted or replaced file): a
+        StorageError with reason StorageChecksumMismatch names the files that differ."""
+        local = self.fetch(uri, dest)
+        try:
+            marker = json.loads((local / COMPLETE_MARKER).read_bytes())
+            expected = {str(f["path"]): str(f["sha256"]) for f in marker["files"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StorageError(
+                f"{uri}: unreadable {COMPLETE_MARKER} marker ({exc})",
+                uri=uri,
+                reason="StorageChecksumMismatch",
+            ) from exc
+        bad = [
+            path
+            for path, digest in sorted(expected.items())
+            if not (local / path).is_file() or sha256_file(local / path) != digest
+        ]
+        if bad:
+            raise StorageError(
+                f"{uri}: {', '.join(bad[:5])} do(es) not match the SHA-256 in its "
+                f"{COMPLETE_MARKER} marker",
+                uri=uri,
+                reason="StorageChecksumMismatch",
+            )
+        return local
+
+    @_retried
+    def prune_checkpoints(
+        self, output_uri: str, keep: int, owner: str | None = None
+    ) -> builtins.list[int]:
         """Keep the newest `keep` complete checkpoints; delete older ones and incomplete ones
         below the newest complete step (leftovers of killed pods). Returns deleted steps.
 
@@ -1201,7 +1387,7 @@ class Storage:
             raise ValueError("keep must be at least 1: resuming needs a checkpoint")
         found = self._scan_checkpoints(output_uri)
         steps = sorted(found, reverse=True)
-        complete = [s for s in steps if self._vouched(found[s])]
+        complete = [s for s in steps if self._vouched(found[s], owner)]
         if not complete:
             return []
         doomed = complete[keep:] + [s for s in steps if s not in complete and s < complete[0]]

@@ -251,3 +251,26 @@ def test_split_depends_on_seed_and_handles_tiny_datasets() -> None:
     for fraction in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="between 0 and 1"):
             split_train_validation(items, fraction)
+
+
+def test_a_line_that_is_not_utf8_fails_with_its_line_number(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    good = json.dumps({"text": "ok"}).encode() + b"\n"
+    path.write_bytes(good * 3 + '{"text": "caf\xe9"}\n'.encode("latin-1") + good)
+    with pytest.raises(
+        DatasetError, match=r"train.jsonl line 4: not valid UTF-8 \(byte 0xe9 at column 14\)"
+    ):
+        load_records(path, "auto")
+
+
+def test_a_json_file_that_is_not_utf8_fails_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.json"
+    path.write_bytes(b'[\n{"text": "ok"},\n{"text": "caf\xe9"}\n]\n')
+    with pytest.raises(DatasetError, match=r"train.json line 3: not valid UTF-8"):
+        load_records(path, "auto")
+
+
+def test_a_byte_order_mark_is_not_a_broken_first_record(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "ok"}).encode() + b"\n")
+    assert len(load_records(path, "auto").records) == 1

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ from kubetune_trainer.__main__ import (
 from kubetune_trainer.api import FineTuneSpec
 from kubetune_trainer.checkpoint import (
     CheckpointPolicy,
-    SigtermFlag,
     TrainerState,
     capture_rng,
     restore_rng,
@@ -41,7 +41,7 @@ from kubetune_trainer.checkpoint import (
     training_spec,
 )
 from kubetune_trainer.data import DatasetError, Example, load_records
-from kubetune_trainer.errors import ConfigError, ModelError, Preempted
+from kubetune_trainer.errors import ConfigError, ModelError, OutputExists, Preempted
 from kubetune_trainer.evaluation import (
     EvalReport,
     ModelEval,
@@ -59,6 +59,7 @@ from kubetune_trainer.modeling import (
     save_trainable,
 )
 from kubetune_trainer.plan import TrainingPlan, build_scheduler, lr_multiplier, warmup_steps
+from kubetune_trainer.preemption import SigtermFlag
 from kubetune_trainer.storage import StorageError
 
 CPU = Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False)
@@ -190,7 +191,23 @@ def test_exceptions_map_to_the_exit_code_contract() -> None:
             77,
             "denied",
         ),
-        (StorageError("overloaded", uri="s3://m", reason="StorageUnavailable"), 70, "retried"),
+        (
+            StorageError("overloaded", uri="s3://m", reason="StorageUnavailable"),
+            75,
+            "storage unreachable",
+        ),
+        (
+            StorageError("cannot reach", uri="s3://m", reason="StorageUnreachable"),
+            75,
+            "cannot reach",
+        ),
+        (StorageError("changed", uri="s3://m", reason="StorageObjectChanged"), 70, "retried"),
+        (
+            StorageError("rejected region", uri="s3://m", reason="StorageWrongRegion"),
+            78,
+            "region",
+        ),
+        (OutputExists("s3://o/x holds the output of FineTuneJob a/b"), 73, "a/b"),
         (ModelError("cannot load the base model: bad"), 79, "cannot load"),
         (ConfigError("method qlora needs a CUDA GPU (bitsandbytes 4-bit)"), 78, "qlora"),
         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), 80, "qlora"),
@@ -301,15 +318,30 @@ def test_trainer_state_round_trips_exactly() -> None:
         TrainerState.from_json(json.dumps({**json.loads(state.to_json()), "version": 99}))
 
 
-def test_sigterm_sets_a_flag_instead_of_killing() -> None:
+def test_sigterm_inside_the_training_loop_sets_a_flag_instead_of_killing() -> None:
     flag = SigtermFlag()
     flag.install()
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.is_set()
+        with pytest.raises(Preempted) as late, flag.deferred(lambda: 7):
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert flag.is_set()  # the loop goes on to its step boundary
+        assert late.value.step == 7  # still set when the loop ended: stop then
     finally:
         flag.uninstall()
     assert signal.getsignal(signal.SIGTERM) is not flag._handle
+
+
+def test_sigterm_outside_the_training_loop_stops_at_once() -> None:
+    flag = SigtermFlag()
+    flag.install()
+    try:
+        with pytest.raises(Preempted) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # e.g. a download; the handler interrupts it
+        assert stopped.value.step is None and "outside the training loop" in str(stopped.value)
+        assert classify(stopped.value)[0] == exitcodes.PREEMPTED
+    finally:
+        flag.uninstall()
 
 
 def test_checkpoint_policy_by_steps_and_minutes() -> None:

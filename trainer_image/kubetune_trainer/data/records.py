@@ -98,9 +98,26 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def _not_utf8(name: str, line: int, data: bytes, offset: int) -> DatasetError:
+    """The byte at `offset` of `data` (which starts at line `line`) is not UTF-8."""
+    line += data.count(b"\n", 0, offset)
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    return DatasetError(
+        f"{name} line {line}: not valid UTF-8 (byte 0x{data[offset : offset + 1].hex()} at "
+        f"column {column}): save the file as UTF-8"
+    )
+
+
 def _read_jsonl(file: Path, name: str) -> Iterator[Record | DatasetError]:
-    with file.open(encoding="utf-8") as fh:
-        for number, raw in enumerate(fh, start=1):
+    # Bytes, decoded line by line: a line in another encoding is a DatasetError with its line
+    # number, not a UnicodeDecodeError from deep inside the file reader.
+    with file.open("rb") as fh:
+        for number, data in enumerate(fh, start=1):
+            try:
+                raw = data.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield _not_utf8(name, number, data, exc.start)
+                continue
             if not raw.strip():
                 continue  # blank lines (often a trailing newline) are not records
             try:
@@ -118,8 +135,14 @@ def _read_jsonl(file: Path, name: str) -> Iterator[Record | DatasetError]:
 
 
 def _read_json(file: Path, name: str) -> Iterator[Record | DatasetError]:
+    data = file.read_bytes()
     try:
-        value = json.loads(file.read_text(encoding="utf-8"))
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        yield _not_utf8(name, 1, data, exc.start)
+        return
+    try:
+        value = json.loads(text)
     except json.JSONDecodeError as exc:
         yield DatasetError(f"{name}: invalid JSON: {exc}")
         return
