@@ -5,6 +5,8 @@
 - the operator image runs with host networking against the local API server, logged in the way
   a pod is (the chart ServiceAccount's token and CA mounted at the in-cluster path), read-only
   and non-root, and reconciles a FineTuneJob until its (stand-in) trainer pod has succeeded;
+- `make images REGISTRY=...` pushes to a registry (a local one), the image pulled back from it
+  runs, and the chart pointed at it (image.repository) deploys exactly the pushed reference;
 - the trainer image runs `kubetune-trainer --config` as UID 65532 on a read-only root filesystem
   with tmpfs /workspace and /tmp, as the operator's pod spec has it, trains the tiny Llama from
   the local S3 and publishes its adapter there.
@@ -33,7 +35,14 @@ from unit.operator.invalid_manifests import VALID_MANIFEST
 
 from kubetune_trainer import exitcodes
 from kubetune_trainer.storage import MANIFEST_NAME, verify_manifest
-from localenv.images import LocalImages, Podman, build_local_images
+from localenv.images import (
+    LocalImages,
+    Podman,
+    app_version,
+    build,
+    build_local_images,
+    local_registry,
+)
 from localenv.testing import Cluster, wait_until
 
 pytest_plugins = ["trainer_fixtures"]
@@ -252,3 +261,38 @@ def test_trainer_image_trains_from_and_to_s3_as_non_root_on_a_read_only_root(
     metrics = json.loads((local / "metrics.json").read_text())
     assert metrics["steps"] == metrics["total_steps"] > 0
     assert metrics["eval"]["fine_tuned"]["loss"] < metrics["eval"]["base"]["loss"]
+
+
+# ------------------------------------------------------------------------ your own registry
+
+
+def test_make_images_pushes_to_a_registry_the_chart_can_point_at(
+    cluster: Cluster, images: LocalImages, tmp_path: Path
+) -> None:
+    """The README's path for a platform team, with the (small) operator image."""
+    with local_registry(tmp_path, free_port()) as address:
+        repository = f"{address}/platform"
+        env = {"BASE": "local", "IMAGES": "operator", "REGISTRY": repository,
+               "PUSH_ARGS": "--tls-verify=false"}  # fmt: skip
+        build(env, timeout=300)
+        pushed = f"{repository}/operator:{app_version()}"
+        podman.check("rmi", pushed)  # what runs next comes from the registry
+        podman.check("pull", "--quiet", "--tls-verify=false", pushed)
+        assert podman.config(pushed)["Entrypoint"] == ["kubetune-operator"]
+        out = podman.check("run", "--rm", *RESTRICTED_RUN, "--entrypoint", "python", pushed,
+                           "-c", "import kubetune_operator.handlers; print('ok')")  # fmt: skip
+        assert out.strip() == "ok"
+        podman.check("rmi", pushed)
+
+    rendered = subprocess.run(
+        [str(cluster.bin / "helm"), "template", "kt", str(CHART),
+         "--set", f"image.repository={repository}/operator",
+         "--set", f"trainer.image.repository={repository}/trainer",
+         "--show-only", "templates/deployment.yaml"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    (deployment,) = [d for d in yaml.safe_load_all(rendered) if d]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == pushed
+    trainer_image = {e["name"]: e.get("value") for e in container["env"]}["KUBETUNE_TRAINER_IMAGE"]
+    assert trainer_image == f"{repository}/trainer:{app_version()}"

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,11 +42,63 @@ class LocalImages:
 def build_local_images(timeout: float) -> LocalImages:
     """Build (or find in the layer cache) both images FROM the local base; fail with the log."""
     start = time.monotonic()
-    env = {**os.environ, "BASE": "local", "VARIANT": "cpu", "IMAGES": "operator trainer"}
-    env.pop("REGISTRY", None)
+    build(
+        {"BASE": "local", "VARIANT": "cpu", "IMAGES": "operator trainer", "REGISTRY": ""}, timeout
+    )
+    version = app_version()
+    return LocalImages(
+        operator=f"localhost/kubetune/operator:{version}",
+        trainer=f"localhost/kubetune/trainer:{version}-cpu",
+        seconds=time.monotonic() - start,
+    )
+
+
+@contextmanager
+def local_registry(directory: Path, port: int) -> Iterator[str]:
+    """An OCI registry on 127.0.0.1:`port` (Debian's docker-registry, installed with apt when
+    missing), storing under `directory`; yields its address. Plain HTTP: push and pull with
+    --tls-verify=false."""
+    if shutil.which("docker-registry") is None:
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "docker-registry"],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    config = directory / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        f"storage: {{filesystem: {{rootdirectory: {directory / 'data'}}}}}\n"
+        f"http: {{addr: 127.0.0.1:{port}}}\n"
+    )
+    with (directory / "registry.log").open("wb") as log:
+        process = subprocess.Popen(
+            ["docker-registry", "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
+        )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{address}/v2/", timeout=2):
+                    break
+            except OSError as err:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    output = (directory / "registry.log").read_text()
+                    raise AssertionError(f"registry did not start: {err}\n{output}") from None
+                time.sleep(0.2)
+        yield address
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def build(env: dict[str, str], timeout: float) -> None:
+    """Run images/build.sh with these settings; fail with the end of its log."""
     result = subprocess.run(
         ["bash", str(BUILD_SCRIPT)],
-        env=env,
+        env={**os.environ, "REGISTRY": "", **env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -52,12 +106,6 @@ def build_local_images(timeout: float) -> LocalImages:
     )
     if result.returncode != 0:
         raise AssertionError(f"images/build.sh failed:\n{(result.stdout + result.stderr)[-6000:]}")
-    version = app_version()
-    return LocalImages(
-        operator=f"localhost/kubetune/operator:{version}",
-        trainer=f"localhost/kubetune/trainer:{version}-cpu",
-        seconds=time.monotonic() - start,
-    )
 
 
 @dataclass(frozen=True)
