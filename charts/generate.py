@@ -36,6 +36,7 @@ OPEN_OBJECTS = {
     "podLabels",
     "serviceAccount.annotations",
     "metrics.serviceMonitor.labels",
+    "admissionPolicy.namespaceSelector",
     "apiServer.resources",
     "apiServer.nodeSelector",
     "apiServer.serviceAccountAnnotations",

@@ -20,7 +20,7 @@ import sys
 import threading
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,18 +55,32 @@ def install_crds(cluster: Cluster) -> None:
     )  # fmt: skip
 
 
+def render_rbac(
+    cluster: Cluster, release: str, namespace: str, watch: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """The chart's templates/rbac.yaml: cluster-wide, or for the watched namespaces."""
+    args = ["--set", f"operator.watchNamespaces={{{','.join(watch)}}}"] if watch else []
+    rendered = subprocess.run(
+        [str(cluster.bin / "helm"), "template", release, str(CHART), "--namespace", namespace,
+         "--show-only", "templates/rbac.yaml", *args],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return [d for d in yaml.safe_load_all(rendered) if d]
+
+
 @contextmanager
-def install_operator_identity(cluster: Cluster, workdir: Path) -> Iterator[OperatorIdentity]:
-    """The chart's ServiceAccount, ClusterRole and binding; a kubeconfig with the SA's token."""
+def install_operator_identity(
+    cluster: Cluster, workdir: Path, *, clusterwide: bool = True
+) -> Iterator[OperatorIdentity]:
+    """The chart's ServiceAccount and, when `clusterwide`, its ClusterRole and binding (else
+    no rights yet: grant_operator gives it the chart's Role in each watched namespace); a
+    kubeconfig with the ServiceAccount's token."""
     with cluster.namespace() as namespace:
         release = f"kt-{uuid.uuid4().hex[:6]}"
-        rendered = subprocess.run(
-            [str(cluster.bin / "helm"), "template", release, str(CHART), "--namespace", namespace,
-             "--show-only", "templates/rbac.yaml"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        docs = [d for d in yaml.safe_load_all(rendered) if d]
+        docs = render_rbac(cluster, release, namespace)
         assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+        if not clusterwide:
+            docs = [d for d in docs if d["kind"] == "ServiceAccount"]
         cluster.apply(docs, namespace)
         account = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
         token = cluster.kubectl(
@@ -196,6 +210,14 @@ class OperatorProcess:
                 self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def grant_operator(cluster: Cluster, identity: OperatorIdentity, namespace: str) -> None:
+    """The chart's Role and RoleBinding for a watched namespace (operator.watchNamespaces)."""
+    docs = render_rbac(cluster, identity.release, identity.namespace, [namespace])
+    granted = [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    assert {d["metadata"]["namespace"] for d in granted} == {namespace}, granted
+    cluster.apply(granted, namespace)
 
 
 def operator_env(

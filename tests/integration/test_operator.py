@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from operator_harness import (
     OperatorProcess,
     PhaseLog,
     free_port,
+    grant_operator,
     install_crds,
     install_operator_identity,
     operator_env,
@@ -29,8 +32,8 @@ from unit.operator.invalid_manifests import (
     ALLOWED_UPDATES_WITH_JOB,
     FORBIDDEN_UPDATES_WITH_JOB,
     INVALID_MANIFESTS,
-    WITH_JOB_STATUS,
     VALID_MANIFEST,
+    WITH_JOB_STATUS,
     InvalidManifest,
 )
 
@@ -58,7 +61,8 @@ def crds(cluster: Cluster) -> None:
 def operator_identity(
     cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorIdentity]:
-    with install_operator_identity(cluster, tmp_path_factory.mktemp("operator")) as identity:
+    workdir = tmp_path_factory.mktemp("operator")
+    with install_operator_identity(cluster, workdir, clusterwide=False) as identity:
         yield identity
 
 
@@ -71,9 +75,11 @@ def restricted_namespace(cluster: Cluster) -> Iterator[str]:
 
 @pytest.fixture
 def start_operator(
-    operator_identity: OperatorIdentity, restricted_namespace: str, tmp_path: Path
+    cluster: Cluster, operator_identity: OperatorIdentity, restricted_namespace: str, tmp_path: Path
 ) -> Iterator[Callable[[str], OperatorProcess]]:
-    """Start replicas of the operator watching the test's namespace; all stopped afterwards."""
+    """Start replicas of the operator watching the test's namespace, with the rights the chart
+    gives it there (operator.watchNamespaces) and none elsewhere; all stopped afterwards."""
+    grant_operator(cluster, operator_identity, restricted_namespace)
     started: list[OperatorProcess] = []
 
     def start(name: str = "a") -> OperatorProcess:
@@ -725,3 +731,145 @@ def test_kueue_reason_explains_a_job_sent_to_a_missing_local_queue(
     state = wait_until(explained, 30, "the missing LocalQueue in the status")
     assert (state["phase"], state["reason"]) == ("Queued", "WaitingForAdmission")
     assert not trainer_pods(cluster, ns, "lost")
+
+
+# --------------------------------------------------------- trust: nothing fails in silence
+
+
+def _policy(name: str, namespace: str, reason: str) -> list[Obj]:
+    """A ValidatingAdmissionPolicy (and binding) refusing training Jobs in `namespace`, as a
+    cluster admin's policy would, with the given reason (Invalid answers 422, Forbidden 403)."""
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {"apiGroups": ["batch"], "apiVersions": ["v1"],
+                         "operations": ["CREATE"], "resources": ["jobs"]}
+                    ]
+                },
+                "validations": [
+                    {"expression": "false", "reason": reason,
+                     "message": "training Jobs need a cost-center label here"}
+                ],
+            },
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": namespace}
+                    }
+                },
+            },
+        },
+    ]  # fmt: skip
+
+
+@contextmanager
+def cluster_objects(cluster: Cluster, docs: list[Obj]) -> Iterator[None]:
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                          "items": docs}))  # fmt: skip
+    try:
+        yield
+    finally:
+        for doc in docs:
+            cluster.kubectl("delete", doc["kind"], doc["metadata"]["name"], "--ignore-not-found",
+                            "--wait=false")  # fmt: skip
+
+
+def wait_reason(cluster: Cluster, ns: str, name: str, reason: str, timeout: float = 30) -> Obj:
+    def reached() -> Obj | None:
+        status = (get(cluster, "ftj", name, ns) or {}).get("status") or {}
+        return status if status.get("reason") == reason else None
+
+    return wait_until(reached, timeout, f"FineTuneJob {name} to report {reason}")
+
+
+@pytest.mark.parametrize(
+    ("reason", "phase", "expected"), [("Invalid", "Failed", "InvalidSpec"),
+                                      ("Forbidden", "Pending", "Forbidden")]
+)  # fmt: skip
+def test_a_job_an_admission_policy_refuses_is_explained_at_once(
+    *,
+    cluster: Cluster,
+    restricted_namespace: str,
+    start_operator: Callable[[str], OperatorProcess],
+    reason: str,
+    phase: str,
+    expected: str,
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    with cluster_objects(cluster, _policy(f"deny-jobs-{ns}", ns, reason)):
+        time.sleep(2)  # the policy reaches the API server's admission cache
+        cluster.apply(finetunejob("refused"), ns)
+        status = wait_reason(cluster, ns, "refused", expected)
+    assert status["phase"] == phase
+    assert "Job refused-train" in status["message"]
+    assert "training Jobs need a cost-center label here" in status["message"]
+    posted = wait_events(cluster, ns, "refused", expected, kind="Warning")
+    assert any("cost-center" in e["message"] for e in posted)
+    assert get(cluster, "job", "refused-train", ns) is None
+
+
+def test_a_quota_that_refuses_the_job_is_named_and_the_job_starts_once_it_fits(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-jobs"},
+             "spec": {"hard": {"count/jobs.batch": "0"}}}  # fmt: skip
+    cluster.apply(quota, ns)
+    time.sleep(2)  # the quota controller computes its status before the admission uses it
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("over-quota"), ns)
+    status = wait_reason(cluster, ns, "over-quota", "QuotaExceeded")
+    assert status["phase"] == "Pending" and "exceeded quota: no-jobs" in status["message"]
+    wait_events(cluster, ns, "over-quota", "QuotaExceeded", kind="Warning")
+    cluster.kubectl("delete", "resourcequota", "no-jobs", "-n", ns)
+    wait_phase(cluster, ns, "over-quota", "Succeeded", timeout=150)  # retried every 30 s
+
+
+def test_a_missing_priority_class_is_named_and_the_pod_starts_once_it_exists(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    priority = f"train-{ns}"
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("no-priority", resources={"gpus": 1, "priorityClassName": priority}),
+                  ns)  # fmt: skip
+    status = wait_reason(cluster, ns, "no-priority", "PriorityClassNotFound")
+    assert status["phase"] == "Pending"
+    assert f"no PriorityClass with name {priority}" in status["message"]
+    wait_events(cluster, ns, "no-priority", "PriorityClassNotFound", kind="Warning")
+    klass = {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+             "metadata": {"name": priority}, "value": 1000}  # fmt: skip
+    with cluster_objects(cluster, [klass]):
+        wait_phase(cluster, ns, "no-priority", "Succeeded", timeout=150)
+
+
+def test_cancel_stops_the_pod_and_is_final(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("cancelled", "sleep-120"), ns)
+    wait_phase(cluster, ns, "cancelled", "Running")
+    cluster.kubectl("patch", "ftj", "cancelled", "-n", ns, "--type=merge",
+                    "-p", '{"spec":{"cancel":true}}')  # fmt: skip
+    status = wait_phase(cluster, ns, "cancelled", "Cancelled")
+    assert status["reason"] == "CancelRequested" and status["completionTime"]
+    wait_until(lambda: not trainer_pods(cluster, ns, "cancelled"), 120, "the pod to be deleted")
+    refused = cluster.kubectl("patch", "ftj", "cancelled", "-n", ns, "--type=merge",
+                              "-p", '{"spec":{"cancel":false}}', check=False)  # fmt: skip
+    assert refused.returncode != 0 and "cancel cannot be set back to false" in refused.stderr
+    assert (get(cluster, "ftj", "cancelled", ns) or {})["status"]["phase"] == "Cancelled"
