@@ -8,6 +8,10 @@ Steps (each printed as it runs):
   4. `kubectl apply -f examples/quickstart.yaml`
   5. show live progress until the job ends, then the final status, events, the base vs
      fine-tuned evaluation and the published files
+  6. the OpenAI-compatible API the chart also runs (docs/openai-api.md): write .dev/openai.env
+     (OPENAI_BASE_URL, and as OPENAI_API_KEY a token of a ServiceAccount allowed in the demo
+     namespace), run examples/openai/finetune.py (the OpenAI client's fine-tuning quickstart,
+     unchanged) and follow that job through the API to its fine-tuned model
 Assumes `make cluster-up` (the Makefile runs it first).
 """
 
@@ -15,11 +19,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEV = ROOT / ".dev"
@@ -31,6 +38,9 @@ OPERATOR_NAMESPACE = "kubetune-system"
 JOB = "quickstart"
 PREFIX = "s3://kubetune/quickstart"
 TIMEOUT_S = 1200
+OPENAI_ENV = DEV / "openai.env"
+OPENAI_ACCOUNT = "openai-demo"
+USER_ROLE = "kubetune-user"  # the chart's user ClusterRole for release "kubetune"
 
 
 def s3_env() -> dict[str, str]:
@@ -93,8 +103,10 @@ def adopt_crds(release: str = "kubetune", namespace: str = OPERATOR_NAMESPACE) -
 
 def install_chart(env: dict[str, str], *sets: str) -> None:
     """`sets` are extra `--set` values (the e2e tests pick free ports for the operator)."""
-    step("helm upgrade --install kubetune charts/kubetune (CRDs, operator, RBAC)")
+    step("helm upgrade --install kubetune charts/kubetune (CRDs, operator, RBAC, OpenAI API)")
     adopt_crds()
+    # The API server's own S3 keys: the same Secret, in the release namespace.
+    create_secret(env, OPERATOR_NAMESPACE)
     run(
         str(DEV / "bin/helm"), "upgrade", "--install", "kubetune", str(ROOT / "charts/kubetune"),
         "--kubeconfig", str(DEV / "kubeconfig"),
@@ -178,6 +190,107 @@ def report(ftj: dict[str, Any], env: dict[str, str]) -> None:
             print(f"  {obj['Size']:>10}  {obj['Key']}")
 
 
+# ------------------------------------------------------------------- the OpenAI-compatible API
+
+
+def api_port() -> int:
+    values = yaml.safe_load((ROOT / "examples/quickstart/local-values.yaml").read_text())
+    return int(values["apiServer"]["port"])
+
+
+def openai_key(
+    namespace: str = NAMESPACE,
+    role: str = USER_ROLE,
+    port: int | None = None,
+    path: Path | None = OPENAI_ENV,
+) -> dict[str, str]:
+    """OPENAI_BASE_URL and, as OPENAI_API_KEY, a token of ServiceAccount openai-demo bound to
+    the chart's user ClusterRole in `namespace`; written to `path` (mode 0600) if given."""
+    step(f"An OpenAI API key: ServiceAccount {OPENAI_ACCOUNT}, bound to {role} in {namespace}")
+    binding = {
+        "apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "ServiceAccount",
+             "metadata": {"name": OPENAI_ACCOUNT, "namespace": namespace}},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": OPENAI_ACCOUNT, "namespace": namespace},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                         "name": role},
+             "subjects": [{"kind": "ServiceAccount", "name": OPENAI_ACCOUNT,
+                           "namespace": namespace}]},
+        ],
+    }  # fmt: skip
+    kubectl("apply", "-f", "-", input=json.dumps(binding))
+    token = kubectl("create", "token", OPENAI_ACCOUNT, "-n", namespace, "--duration", "24h")
+    settings = {
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{port or api_port()}/v1",
+        "OPENAI_API_KEY": token.strip(),
+    }
+    if path is not None:
+        path.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+        path.chmod(0o600)
+        print(f"wrote {path.relative_to(ROOT)}: OPENAI_BASE_URL={settings['OPENAI_BASE_URL']}, "
+              "OPENAI_API_KEY=<token, 24 h>")  # fmt: skip
+    return settings
+
+
+def run_openai_quickstart(settings: dict[str, str], workdir: Path, model: str | None = None) -> str:
+    """Run examples/openai/finetune.py on the quickstart's chat data; print; return the job id."""
+    step("set -a; . .dev/openai.env; set +a; python examples/openai/finetune.py "
+         "training_data.jsonl")  # fmt: skip
+    workdir.mkdir(parents=True, exist_ok=True)
+    assets_dir = DEV / "quickstart-assets"
+    if not (assets_dir / "data/chat/train.jsonl").exists():
+        assets.write_assets(assets_dir)
+    shutil.copy(assets_dir / "data/chat/train.jsonl", workdir / "training_data.jsonl")
+    script = ROOT / "examples/openai/finetune.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "training_data.jsonl", *([model] if model else [])],
+        cwd=workdir, env={**os.environ, **settings}, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"demo: {script.name} failed:\n{result.stderr.strip()}")
+    print(result.stdout.rstrip())
+    return result.stdout.split("Created fine-tuning job: ", 1)[1].split()[0]
+
+
+def follow_openai_job(settings: dict[str, str], job_id: str, timeout: float = TIMEOUT_S) -> Any:
+    """Status changes and the latest training metrics, through the API, until the job ends."""
+    from openai import OpenAI  # noqa: PLC0415
+
+    step(f"Following {job_id} with client.fine_tuning.jobs.retrieve and list_events")
+    client = OpenAI(base_url=settings["OPENAI_BASE_URL"], api_key=settings["OPENAI_API_KEY"])
+    deadline, last, shown, job = time.monotonic() + timeout, "", 0.0, None
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status != last:
+            print(f"status: {job.status}", flush=True)
+            last = job.status
+        if time.monotonic() - shown > 10:
+            metrics = [e for e in client.fine_tuning.jobs.list_events(job_id, limit=1000)
+                       if e.type == "metrics"]  # fmt: skip
+            if metrics:
+                print(f"  {len(metrics)} metrics events; latest: {metrics[-1].message}", flush=True)
+            shown = time.monotonic()
+        if job.status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(3)
+    if job is None or job.status != "succeeded":
+        raise SystemExit(f"demo: {job_id} ended {job and job.status}: {job and job.error}")
+    step("The last events, checkpoints, results file and the fine-tuned model")
+    events = list(client.fine_tuning.jobs.list_events(job_id, limit=1000))
+    for event in events[-4:]:
+        print(event.created_at, event.message)
+    for ckpt in client.fine_tuning.jobs.checkpoints.list(job_id):
+        print(f"checkpoint {ckpt.id}: step {ckpt.step_number}, train loss "
+              f"{ckpt.metrics.train_loss}, eval loss {ckpt.metrics.full_valid_loss}")  # fmt: skip
+    print(f"trained_tokens: {job.trained_tokens}, hyperparameters: "
+          f"{job.hyperparameters.model_dump()}")  # fmt: skip
+    rows = client.files.content(job.result_files[0]).text.splitlines()
+    print(f"result_files: {job.result_files[0]} ({len(rows) - 1} rows: {rows[0]})")
+    print("models:", ", ".join(m.id for m in client.models.list()))
+    return job
+
+
 def main() -> None:
     started = time.monotonic()
     env = s3_env()
@@ -187,8 +300,13 @@ def main() -> None:
     apply_job(env)
     ftj = watch()
     report(ftj, env)
+    settings = openai_key()
+    job_id = run_openai_quickstart(settings, DEV / "openai-demo")
+    follow_openai_job(settings, job_id)
     print(f"\ndemo: done in {time.monotonic() - started:.0f} s. Try: "
-          f"KUBECONFIG={DEV / 'kubeconfig'} {DEV / 'bin/kubectl'} get ftj -A")  # fmt: skip
+          f"KUBECONFIG={DEV / 'kubeconfig'} {DEV / 'bin/kubectl'} get ftj -A; or "
+          "set -a; . .dev/openai.env; set +a; python examples/openai/finetune.py "
+          ".dev/openai-demo/training_data.jsonl")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -51,9 +51,9 @@ def installed(cluster: Cluster, kueue: Kueue) -> Iterator[Cluster]:
     cluster.kubectl("label", "namespace", NAMESPACE, f"{KUEUE_NAMESPACE_LABEL}=enabled")
     # Pods share the host network on the process node: free ports keep this operator clear of
     # anything else listening on the machine (another checkout's cluster, a demo).
-    metrics, health = free_ports(2)
+    metrics, health, api = free_ports(3)
     demo.install_chart(env, f"operator.metricsPort={metrics}", f"operator.healthPort={health}",
-                       f"metrics.service.port={metrics}",
+                       f"metrics.service.port={metrics}", f"apiServer.port={api}",
                        f"operator.watchNamespaces={{{NAMESPACE}}}")  # fmt: skip
     yield cluster
     # Normally already done by the last test; this is the clean-up when a test failed.
