@@ -264,18 +264,23 @@ async def apply_spec_change(op: Operator, ftj: Body, seen: Observed) -> None:
         raise kopf.PermanentError(f"invalid spec: {error}")
     t = manifests.target(ftj, op.settings)
     config_path = path("v1", "configmaps", namespace, t.names.config_map)
-    await op.kube.merge_patch(config_path, {"data": {CONFIG_KEY: manifests.render_config(t)}})
     job = seen.job(namespace, name, t.uid)
-    if job is not None:
-        try:
+    refused: ApiError | Forbidden | None = None
+    try:
+        await op.kube.merge_patch(config_path, {"data": {CONFIG_KEY: manifests.render_config(t)}})
+        if job is not None:
             await op.kube.merge_patch(
                 path("batch/v1", "jobs", namespace, t.names.job), manifests.job_settings_patch(t)
             )
-        except ApiError as err:
-            # E.g. a field the Job does not allow to change in its current state: tell the user
-            # instead of retrying forever.
-            kopf.warn(_ftj_body(ftj), reason="UpdateNotApplied", message=str(err))
-    await sync_status(op, namespace, name, ftj=ftj, seen=seen)
+    except (ApiError, Forbidden) as err:
+        # E.g. a policy that refuses the change, or a field the Job does not allow to change
+        # in its current state: said in the status and an Event, not only in the log.
+        refused = err
+        kopf.warn(_ftj_body(ftj), reason="UpdateNotApplied", message=err.detail)
+    applied = status.spec_applied(ftj, None if refused is None else refused.detail)
+    await sync_status(op, namespace, name, ftj=ftj, seen=seen, condition=applied)
+    if isinstance(refused, Forbidden):  # may clear (a policy fixed): try again later
+        raise kopf.TemporaryError(refused.detail, delay=FORBIDDEN_RETRY_SECONDS) from refused
 
 
 async def apply_suspend(op: Operator, ftj: Body, seen: Observed) -> None:
@@ -364,6 +369,7 @@ async def sync_status(
     ftj: Body | None = None,
     job: Body | _Unknown | None = UNKNOWN,
     blocker: status.Blocker | None = None,
+    condition: status.Body | None = None,
 ) -> status.Verdict | None:
     """Observe the FineTuneJob, its Job and pods; patch the owned status fields that changed.
 
@@ -371,7 +377,7 @@ async def sync_status(
     response), else from Kopf's indices (`seen`); a failed Job's pods are LISTed fresh. This
     replica's own last status write is laid over the FineTuneJob until the watch delivers it
     (observed.WrittenStatus), so concurrent triggers converge without re-reading. Posts an Event
-    when the phase or reason changes.
+    when the phase or reason changes. `condition`: one more condition to set (SpecApplied).
     """
     async with op.lock(namespace, name):
         if ftj is None:
@@ -414,6 +420,7 @@ async def sync_status(
             spec_error=error,
             blocker=blocker,
             workload=workload,
+            condition=condition,
         )
         if patch:
             response = await op.kube.merge_patch(

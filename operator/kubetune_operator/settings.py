@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 import kopf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from kubetune_trainer.api import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, GROUP
+from kubetune_trainer.api import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, GROUP, Endpoint
 
 ENV_PREFIX = "KUBETUNE_"
 # Labels selecting the Jobs and pods this operator made; also used server-side in the watches.
@@ -56,9 +56,9 @@ class OperatorSettings(BaseModel):
             "stays the same."
         ),
     )
-    default_storage_endpoint: (
-        Annotated[str, Field(max_length=2048, pattern=r"^https?://[^/ ]+(/.*)?$")] | None
-    ) = Field(default=None, description="S3 endpoint for jobs without spec.storage.endpoint.")
+    default_storage_endpoint: Endpoint | None = Field(
+        default=None, description="S3 endpoint for jobs without spec.storage.endpoint."
+    )
     default_credentials_secret: (
         Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)] | None
     ) = Field(
@@ -157,6 +157,11 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
+def _shown(value: str | None) -> str | None:
+    """A value as an error message may quote it: a URL's user:password@ masked."""
+    return None if value is None else re.sub(r"(://)[^/@]*@", r"\1***@", value)
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
     """Read KUBETUNE_* variables; raise SettingsError naming every variable that is wrong.
 
@@ -182,7 +187,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
         return OperatorSettings.model_validate(raw)
     except ValidationError as err:
         problems = [
-            f"{env_name(str(e['loc'][0]))}={env.get(env_name(str(e['loc'][0])))!r}: {e['msg']}"
+            f"{env_name(str(e['loc'][0]))}={_shown(env.get(env_name(str(e['loc'][0]))))!r}: "
+            f"{e['msg']}"
             for e in err.errors()
         ]
         raise SettingsError("; ".join(problems)) from None

@@ -572,11 +572,40 @@ def _failure(spec: FineTuneSpec, job: Body, failed: Body, pods: list[Body]) -> t
 # ------------------------------------------------------------------------------- the status
 
 
+def spec_applied(ftj: Body, refused: str | None) -> Body:
+    """The SpecApplied condition after carrying a spec change into the children: False with
+    the API server's reason when a child refused the change (the job runs with the settings it
+    had), True otherwise."""
+    generation = ftj["metadata"].get("generation")
+    if refused is None:
+        return {
+            "type": "SpecApplied",
+            "status": "True",
+            "observedGeneration": generation,
+            "reason": "Applied",
+            "message": "The spec's mutable settings reached the training Job.",
+        }
+    return {
+        "type": "SpecApplied",
+        "status": "False",
+        "observedGeneration": generation,
+        "reason": "UpdateNotApplied",
+        "message": _clip(
+            f"The change of generation {generation} did not reach the training Job or its "
+            f"config: {refused}. The job goes on with its previous settings."
+        ),
+    }
+
+
 def conditions(
-    verdict: Verdict, generation: int | None, previous: Sequence[Body], now: datetime
+    verdict: Verdict,
+    generation: int | None,
+    previous: Sequence[Body],
+    now: datetime,
+    extra: Body | None = None,
 ) -> list[Body]:
-    """Our five conditions (then any others, untouched), lastTransitionTime kept when the
-    status of a condition did not change."""
+    """Our five conditions (then any others, untouched, or replaced by `extra` of the same
+    type), lastTransitionTime kept when the status of a condition did not change."""
     phase = verdict.phase
     wanted = {
         "Ready": phase == "Succeeded",
@@ -602,8 +631,14 @@ def conditions(
         if generation is None:
             del cond["observedGeneration"]
         out.append(cond)
-    out.extend(c for c in previous if c.get("type") not in wanted)
-    return out
+    others = [c for c in previous if c.get("type") not in wanted]
+    if extra is not None:
+        old = next((c for c in others if c.get("type") == extra["type"]), None)
+        same = old is not None and old.get("status") == extra["status"]
+        since = (old or {}).get("lastTransitionTime") if same else None
+        replaced = {**extra, "lastTransitionTime": since or rfc3339(now)}
+        others = [replaced if c is old else c for c in others] if old else [*others, replaced]
+    return out + others
 
 
 def desired_status(
@@ -616,6 +651,7 @@ def desired_status(
     spec_error: str | None = None,
     blocker: Blocker | None = None,
     workload: Body | None = None,
+    condition: Body | None = None,
 ) -> tuple[Verdict, dict[str, Any]]:
     """The operator's status fields, all of them, as they should be now."""
     current = ftj.get("status") or {}
@@ -627,7 +663,9 @@ def desired_status(
         "phase": verdict.phase,
         "reason": verdict.reason,
         "message": verdict.message,
-        "conditions": conditions(verdict, generation, current.get("conditions") or [], now),
+        "conditions": conditions(
+            verdict, generation, current.get("conditions") or [], now, condition
+        ),
     }
     if generation is not None:
         out["observedGeneration"] = generation
@@ -652,10 +690,19 @@ def status_patch(
     spec_error: str | None = None,
     blocker: Blocker | None = None,
     workload: Body | None = None,
+    condition: Body | None = None,
 ) -> tuple[Verdict, dict[str, Any]]:
     """The verdict, and the merge patch of the owned fields that differ ({} if none do)."""
     verdict, desired = desired_status(
-        ftj, job, pods, now, spec=spec, spec_error=spec_error, blocker=blocker, workload=workload
+        ftj,
+        job,
+        pods,
+        now,
+        spec=spec,
+        spec_error=spec_error,
+        blocker=blocker,
+        workload=workload,
+        condition=condition,
     )
     current = ftj.get("status") or {}
     return verdict, {key: value for key, value in desired.items() if current.get(key) != value}

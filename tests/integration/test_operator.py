@@ -736,7 +736,9 @@ def test_kueue_reason_explains_a_job_sent_to_a_missing_local_queue(
 # --------------------------------------------------------- trust: nothing fails in silence
 
 
-def _policy(name: str, namespace: str, reason: str) -> list[Obj]:
+def _policy(
+    name: str, namespace: str, reason: str, operations: tuple[str, ...] = ("CREATE",)
+) -> list[Obj]:
     """A ValidatingAdmissionPolicy (and binding) refusing training Jobs in `namespace`, as a
     cluster admin's policy would, with the given reason (Invalid answers 422, Forbidden 403)."""
     return [
@@ -749,7 +751,7 @@ def _policy(name: str, namespace: str, reason: str) -> list[Obj]:
                 "matchConstraints": {
                     "resourceRules": [
                         {"apiGroups": ["batch"], "apiVersions": ["v1"],
-                         "operations": ["CREATE"], "resources": ["jobs"]}
+                         "operations": list(operations), "resources": ["jobs"]}
                     ]
                 },
                 "validations": [
@@ -873,3 +875,27 @@ def test_cancel_stops_the_pod_and_is_final(
                               "-p", '{"spec":{"cancel":false}}', check=False)  # fmt: skip
     assert refused.returncode != 0 and "cancel cannot be set back to false" in refused.stderr
     assert (get(cluster, "ftj", "cancelled", ns) or {})["status"]["phase"] == "Cancelled"
+
+
+def test_a_refused_change_of_the_job_is_in_a_condition_and_an_event(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a").wait_active()
+    cluster.apply(finetunejob("changed", "sleep-120"), ns)
+    wait_phase(cluster, ns, "changed", "Running")
+    with cluster_objects(cluster, _policy(f"freeze-jobs-{ns}", ns, "Forbidden", ("UPDATE",))):
+        time.sleep(2)  # the policy reaches the API server's admission cache
+        cluster.kubectl("patch", "ftj", "changed", "-n", ns, "--type=merge",
+                        "-p", '{"spec":{"maxRetries":5}}')  # fmt: skip
+
+        def refused() -> Obj | None:
+            status = (get(cluster, "ftj", "changed", ns) or {}).get("status") or {}
+            found = [c for c in status.get("conditions", []) if c["type"] == "SpecApplied"]
+            return found[0] if found and found[0]["status"] == "False" else None
+
+        applied = wait_until(refused, 30, "SpecApplied False")
+    assert applied["reason"] == "UpdateNotApplied" and "cost-center" in applied["message"]
+    wait_events(cluster, ns, "changed", "UpdateNotApplied", kind="Warning")
+    job = get(cluster, "job", "changed-train", ns)
+    assert job is not None and job["spec"]["backoffLimit"] == 2  # the previous setting

@@ -515,17 +515,40 @@ class SecretKeySelector(_SpecModel):
     )
 
 
+ENDPOINT_PATTERN = r"^https?://[^/ ]+(/.*)?$"
+# An endpoint is quoted in messages, logs and Events: credentials in it would leak there.
+ENDPOINT_WITHOUT_CREDENTIALS = CelRule(
+    rule=r"!self.matches('^https?://[^/]*@')",
+    message=(
+        "storage.endpoint must not carry credentials (user:password@host): put them in the "
+        "Secret named by storage.credentialsSecretRef"
+    ),
+)
+
+
+def _endpoint_without_credentials(endpoint: str) -> str:
+    if re.match(r"^https?://[^/]*@", endpoint):
+        raise ValueError(ENDPOINT_WITHOUT_CREDENTIALS.message)
+    return endpoint
+
+
+Endpoint = Annotated[
+    str,
+    Field(max_length=2048, pattern=ENDPOINT_PATTERN),
+    AfterValidator(_endpoint_without_credentials),
+]
+
+
 class StorageConfig(_SpecModel):
     """How to reach the S3-compatible object store used by s3:// URIs."""
 
-    endpoint: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^/ ]+(/.*)?$")] | None = (
-        Field(
-            default=None,
-            description=(
-                "URL of the S3-compatible endpoint, for example http://minio.storage:9000. "
-                "When unset the operator's configured default endpoint applies."
-            ),
-        )
+    endpoint: Endpoint | None = Field(
+        default=None,
+        description=(
+            "URL of the S3-compatible endpoint, for example http://minio.storage:9000, without "
+            "credentials. When unset the operator's configured default endpoint applies."
+        ),
+        json_schema_extra=_validations(ENDPOINT_WITHOUT_CREDENTIALS),
     )
     retry_timeout: Duration = Field(
         default="2m",

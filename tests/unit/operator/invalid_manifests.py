@@ -329,6 +329,11 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
     ),
     _case("endpoint-no-scheme", {"storage": {"endpoint": "minio:9000"}}, "spec.storage.endpoint"),
     _case(
+        "endpoint-with-credentials",
+        {"storage": {"endpoint": "https://AKEY:s3cret@s3.example.com"}},
+        "storage.endpoint must not carry credentials",
+    ),
+    _case(
         "addressing-style-unknown",
         {"storage": {"addressingStyle": "dns"}},
         "spec.storage.addressingStyle: Unsupported value",

@@ -79,6 +79,14 @@ def test_a_bad_value_names_the_variable(variable: str, value: str) -> None:
     assert str(info.value).startswith(variable), str(info.value)
 
 
+def test_an_endpoint_with_credentials_is_refused_without_quoting_them() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"KUBETUNE_DEFAULT_STORAGE_ENDPOINT": "https://AKEY:s3cret@s3.example"})
+    message = str(info.value)
+    assert message.startswith("KUBETUNE_DEFAULT_STORAGE_ENDPOINT") and "credentials" in message
+    assert "AKEY" not in message and "s3cret" not in message
+
+
 def test_seniority_priority_prefers_the_older_replica() -> None:
     settings = OperatorSettings()
     older, newer = settings.effective_priority(1000.0), settings.effective_priority(1001.0)

@@ -74,6 +74,9 @@ class FakeKube:
 
     async def merge_patch(self, api_path: str, patch: Mapping[str, Any]) -> Obj | None:
         self.calls.append(("PATCH", api_path))
+        for kind, error in self.refuse.items():
+            if f"/{kind}/" in api_path:
+                raise error
         self.patches[api_path] = patch
         if api_path.endswith("/status"):
             self.version += 1
@@ -477,3 +480,24 @@ def test_the_pod_check_lists_nothing_once_the_pod_exists() -> None:
     seen = _seen([ftj], [_labelled(job())], [_labelled(running_pod())])
     asyncio.run(reconcile.check_pod_creation(_operator(kube), NAMESPACE, "support-lora", seen))
     assert kube.calls == []
+
+
+def test_a_refused_update_of_the_job_is_in_a_condition_and_an_event(events: list[str]) -> None:
+    ftj = served(maxRetries=5, status={"phase": "Running", "jobName": "support-lora-train"})
+    ftj["metadata"]["generation"] = 2
+    kube = FakeKube(ftj)
+    detail = 'jobs.batch "support-lora-train" is forbidden: ValidatingAdmissionPolicy says no'
+    kube.refuse["jobs"] = Forbidden(f"PATCH ...: {detail}", detail, delay=60)
+    seen = _seen([ftj], [_labelled(job())], [_labelled(running_pod())])
+    with pytest.raises(kopf.TemporaryError):
+        asyncio.run(reconcile.apply_spec_change(_operator(kube), ftj, seen))
+    (applied,) = [c for c in kube.ftj["status"]["conditions"] if c["type"] == "SpecApplied"]
+    assert (applied["status"], applied["reason"]) == ("False", "UpdateNotApplied")
+    assert detail in applied["message"] and applied["observedGeneration"] == 2
+    assert "UpdateNotApplied" in events
+    # Once the change goes through, the condition says so.
+    del kube.refuse["jobs"]
+    later = {**kube.ftj, "spec": ftj["spec"]}
+    asyncio.run(reconcile.apply_spec_change(_operator(kube), later, seen))
+    (applied,) = [c for c in kube.ftj["status"]["conditions"] if c["type"] == "SpecApplied"]
+    assert (applied["status"], applied["reason"]) == ("True", "Applied")
