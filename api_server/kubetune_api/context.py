@@ -4,6 +4,7 @@ model catalogue, and the few FineTuneJob reads that several endpoints make."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -11,12 +12,15 @@ from typing import Final
 
 from kubetune_api import jobs
 from kubetune_api.catalogue import CatalogueModel, by_uri
+from kubetune_api.errors import ApiError
 from kubetune_api.identity import Caller, Identity
 from kubetune_api.kube import Kube, path
 from kubetune_api.objectstore import ObjectStore
 from kubetune_api.schemas import FineTuningJob
 from kubetune_api.settings import ApiSettings
 from kubetune_trainer.api import API_VERSION, PLURAL
+
+log = logging.getLogger(__name__)
 
 _OUTPUTS_CACHE: Final = 4096
 _PARALLEL_READS: Final = 8
@@ -79,8 +83,12 @@ class Context:
         if cached is not None:
             self._outputs.move_to_end(job.uid)
             return cached
-        async with self._reads:
-            records = await self.store.training_log(job.output_uri)
+        try:
+            async with self._reads:
+                records = await self.store.training_log(job.output_uri)
+        except ApiError as err:  # the job still answers, without what the store would add
+            log.warning("outputs of %s/%s not read: %s", job.namespace, job.name, err.message)
+            return jobs.Outputs()
         found = jobs.Outputs()
         if records:
             tokens = [r.tokens_seen for r in records if r.type == "train" and r.tokens_seen]

@@ -111,8 +111,11 @@ def job_events(
             ),
         )
     )
+    succeeded_at = 0.0
     for event in kube_events:
         when = _event_time(event)
+        if event.get("reason") == "Succeeded":
+            succeeded_at = max(succeeded_at, when)
         reason = str(event.get("reason") or "")
         text = str(event.get("message") or reason)
         timed.append(
@@ -131,14 +134,15 @@ def job_events(
     for record in records:
         timed.append((record.time, 2, metrics_event(job.name, record)))
     if fine_tuned_model:
-        finished = timestamp(job.status.get("completionTime")) or created
+        # After the operator's Succeeded Event, which it posts once the status says so.
+        finished = max(timestamp(job.status.get("completionTime")) or created, succeeded_at)
         timed.append(
             (
-                finished + 0.5,  # after the Succeeded Event of the same second
+                finished + 0.5,
                 3,
                 JobEvent(
                     id=f"ftevent-{job.name}-model",
-                    created_at=finished,
+                    created_at=int(finished),
                     level="info",
                     message=f"New fine-tuned model created: {fine_tuned_model}",
                 ),

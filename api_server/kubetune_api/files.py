@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import logging
 import re
 import secrets
 import time
@@ -24,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from pydantic import ValidationError
 
 from kubetune_api import jobs
 from kubetune_api.context import Context
@@ -47,8 +50,7 @@ RESULTS_COLUMNS: Final = (
     "step", "epoch", "train_loss", "learning_rate", "tokens_per_second", "full_valid_loss",
 )  # fmt: skip
 MAX_LIST: Final = 10_000
-# Validation holds a file's records in memory: one at a time per replica.
-_VALIDATING = asyncio.Semaphore(1)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,16 @@ def validate(upload: Upload) -> tuple[str, int]:
     return dataset.format, len(dataset.records)
 
 
+def _parse(meta: object, file_id: str) -> StoredFile | None:
+    if not isinstance(meta, dict):
+        return None
+    try:
+        return StoredFile.model_validate(meta)
+    except ValidationError:
+        log.warning("ignoring file %s: unreadable metadata", file_id)
+        return None
+
+
 def results_csv(records: list[TrainRecord | EvalRecord]) -> bytes:
     """The training log as OpenAI's step_metrics.csv: one row per report; the evaluation
     fills full_valid_loss in the row of its step."""
@@ -128,6 +140,8 @@ class Files:
         self.layout = context.store.layout
         # Metadata is immutable once written: list pages read it once per file.
         self._meta: dict[tuple[str, str], StoredFile] = {}
+        # Validation holds a file's records in memory: one at a time per replica.
+        self._validating = asyncio.Semaphore(1)
 
     # ------------------------------------------------------------------ upload
 
@@ -140,7 +154,7 @@ class Files:
                 param="purpose",
                 code="invalid_purpose",
             )
-        async with _VALIDATING:
+        async with self._validating:
             fmt, count = await asyncio.to_thread(validate, upload)
         stored = StoredFile(
             id=new_file_id(),
@@ -167,15 +181,16 @@ class Files:
 
     async def stored(self, caller: Caller, file_id: str, param: str | None = None) -> StoredFile:
         """A file of the caller's namespace; 404 (or 400 naming `param`) when there is none."""
-        meta = None
+        stored = None
         if FILE_ID.fullmatch(file_id):
             meta = await self.store.read_json(self.layout.meta_uri(caller.namespace, file_id))
-        if not isinstance(meta, dict):
+            stored = _parse(meta, file_id)
+        if stored is None:
             message = f"no file {file_id!r} in namespace {caller.namespace}"
             if param:
                 raise bad_request(message, param=param, code="file_not_found")
             raise not_found(message, param="file_id")
-        return StoredFile.model_validate(meta)
+        return stored
 
     async def retrieve(self, caller: Caller, file_id: str) -> FileObject:
         await self.context.identity.require(caller, "get", "read files")
@@ -200,8 +215,9 @@ class Files:
             *(self.store.read_json(self.layout.meta_uri(ns, i)) for i in missing)
         )
         for file_id, meta in zip(missing, metas, strict=True):
-            if isinstance(meta, dict):  # no metadata yet: an upload in progress
-                self._meta[(ns, file_id)] = StoredFile.model_validate(meta)
+            stored = _parse(meta, file_id)
+            if stored is not None:  # None: an upload in progress (no metadata yet)
+                self._meta[(ns, file_id)] = stored
         files = [self._meta[(ns, i)].public() for i in ids if (ns, i) in self._meta]
         purpose = query.get("purpose")
         if purpose:

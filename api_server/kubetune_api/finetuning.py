@@ -224,9 +224,14 @@ class FineTuning:
     # ------------------------------------------------------- events, checkpoints
 
     async def _records(self, job: jobs.JobView) -> list[TrainRecord | EvalRecord]:
+        """The training log, when the server may and can read it; status events stay
+        available when it cannot (the store's failure is in the server's log)."""
         if not self.context.readable(job):
             return []
-        return await self.context.store.training_log(job.output_uri) or []
+        try:
+            return await self.context.store.training_log(job.output_uri) or []
+        except ApiError:
+            return []
 
     async def _kube_events(self, caller: Caller, job: jobs.JobView) -> list[dict[str, Any]]:
         """The FineTuneJob's Events; none for a caller who may read jobs but not Events."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kubetune_api.catalogue import CatalogueModel, merge
 from kubetune_api.errors import bad_request
@@ -77,6 +77,19 @@ def idempotency_digest(idempotency_key: str) -> str:
 # --------------------------------------------------------------------------- reading a job
 
 
+class Recorded(BaseModel):
+    """The annotation JOB_ANNOTATION: what only the OpenAI API knows about a job."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    training_file: str | None = None
+    validation_file: str | None = None
+    suffix: str | None = None
+    metadata: dict[str, str] | None = None
+    hyperparameters: ResolvedHyperparameters | None = None
+
+
 @dataclass(frozen=True)
 class JobView:
     """A FineTuneJob as the API sees it."""
@@ -113,12 +126,13 @@ class JobView:
 
     @property
     def openai(self) -> dict[str, Any]:
-        """What the API recorded when it created the job ({} for kubectl-applied jobs)."""
+        """What the API recorded when it created the job ({} for kubectl-applied jobs, and
+        for an annotation someone edited into another shape: then the spec speaks)."""
         try:
-            value = json.loads(self.annotations.get(JOB_ANNOTATION) or "{}")
-        except ValueError:
+            recorded = Recorded.model_validate_json(self.annotations.get(JOB_ANNOTATION) or "{}")
+        except ValidationError:
             return {}
-        return value if isinstance(value, dict) else {}
+        return recorded.model_dump(exclude_none=True)
 
     @property
     def created_by_api(self) -> bool:

@@ -343,6 +343,19 @@ def test_pages_cover_every_job_newest_first_and_metadata_filters(env: Env) -> No
     assert all(f.purpose == "fine-tune" and f.status == "processed" for f in files)
 
 
+def test_a_retried_create_with_an_idempotency_key_finds_its_job(env: Env) -> None:
+    client = env.client()
+    data = client.files.create(file=training_file(env).open("rb"), purpose="fine-tune")
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = client.fine_tuning.jobs.create(training_file=data.id, model=SLEEP, extra_headers=key)
+    again = client.fine_tuning.jobs.create(training_file=data.id, model=SLEEP, extra_headers=key)
+    assert again.id == first.id
+    other = client.fine_tuning.jobs.create(training_file=data.id, model=SLEEP)
+    assert other.id != first.id
+    for job in (first, other):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
 # ------------------------------------------------------------------------------- errors
 
 

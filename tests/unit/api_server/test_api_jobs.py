@@ -220,3 +220,11 @@ def test_the_server_reads_only_outputs_in_the_jobs_own_namespace_prefix() -> Non
     assert not LAYOUT.owns("team-a", "s3://kubetune/quickstart/output/", None)
     assert not LAYOUT.owns("team-a", own, "https://s3.example.com")  # another store
     assert not LAYOUT.owns("team-a", "s3://kubetune/openai/team-a/../team-b/jobs/x/", None)
+
+
+def test_an_edited_annotation_never_breaks_the_job() -> None:
+    for garbage in ('{"metadata": {"k": 1}}', "not json", '["a"]', '{"hyperparameters": 3}'):
+        view = ftj("Running")
+        meta = {**view.meta, "annotations": {JOB_ANNOTATION: garbage}}
+        job = to_openai(JobView({**view.body, "metadata": meta}), MODELS, {})
+        assert job.metadata is None and job.training_file == "s3://kubetune/data/train.jsonl"

@@ -175,7 +175,7 @@ def test_events_merge_status_and_metrics_oldest_first() -> None:
     })  # fmt: skip
     kube_events = [
         {"metadata": {"uid": "e2"}, "reason": "Succeeded", "message": "Succeeded: done",
-         "type": "Normal", "firstTimestamp": "2025-01-01T00:10:00Z"},
+         "type": "Normal", "firstTimestamp": "2025-01-01T00:10:02Z"},
         {"metadata": {"uid": "e1"}, "reason": "TrainerRunning", "message": "Running: training",
          "type": "Normal", "firstTimestamp": "2025-01-01T00:01:00Z"},
         {"metadata": {"uid": "e0"}, "reason": "Retrying", "message": "Pending: retry",
