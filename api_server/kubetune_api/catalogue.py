@@ -11,7 +11,6 @@ a message naming the model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -133,7 +132,3 @@ def by_uri(models: dict[str, CatalogueModel]) -> dict[str, str]:
     for model in models.values():
         names.setdefault(model.uri.rstrip("/"), model.name)
     return names
-
-
-def dumps(models: dict[str, CatalogueModel]) -> str:
-    return json.dumps([m.model_dump(by_alias=True) for m in models.values()])

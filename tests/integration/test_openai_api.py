@@ -464,6 +464,15 @@ def test_namespaces_see_and_touch_only_their_own_jobs_and_files(env: Env) -> Non
         ):
             with pytest.raises(openai.PermissionDeniedError):
                 denied()
+        alice_in_b = env.client(env.alice, project=env.ns_b)
+        for denied in (alice_in_b.fine_tuning.jobs.list, alice_in_b.files.list):
+            with pytest.raises(openai.PermissionDeniedError):
+                denied()
+        with pytest.raises(openai.PermissionDeniedError):
+            alice_in_b.fine_tuning.jobs.cancel(bob_job.id)
+        with pytest.raises(openai.PermissionDeniedError):
+            alice_in_b.files.retrieve(bob_file.id)
+        assert bob.fine_tuning.jobs.retrieve(bob_job.id).status != "cancelled"
         assert alice.fine_tuning.jobs.retrieve(alice_job.id).status != "cancelled"
         assert alice.files.retrieve(alice_file.id).id == alice_file.id
         # A file in use by an unfinished job cannot be deleted; afterwards it can.
