@@ -838,6 +838,29 @@ class CheckpointingConfig(_SpecModel):
     )
 
 
+class ServingConfig(_SpecModel):
+    """Serve the result with vLLM once the job has succeeded (docs/serving.md)."""
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Serve the fine-tuned model once the job has Succeeded (default false): a LoRA or "
+            "QLoRA adapter is loaded at run time into the namespace's vLLM server for the same "
+            "base model (started when none runs; shared by all its adapters); a full "
+            "fine-tune gets a server of its own. status.serving says where and under which "
+            "model name, or why not. Can change at any time."
+        ),
+    )
+    promotion_gate: Literal["none", "evalLoss"] = Field(
+        default="none",
+        description=(
+            "none (default): serve whenever the job succeeded. evalLoss: serve only if the "
+            "fine-tuned model's validation loss is below the base model's (needs evaluation "
+            "with the loss metric); otherwise status.serving says it was not promoted."
+        ),
+    )
+
+
 QLORA_NEEDS_GPU = CelRule(
     rule="self.method != 'qlora' || self.resources.gpus >= 1",
     message="resources.gpus must be at least 1 for method qlora: QLoRA needs a GPU",
@@ -942,6 +965,9 @@ class FineTuneSpec(_SpecModel):
     )
     checkpointing: CheckpointingConfig = _section(
         CheckpointingConfig, "Intermediate checkpoints for resuming after a pod failure."
+    )
+    serving: ServingConfig = _section(
+        ServingConfig, "Serving the fine-tuned model with vLLM once the job has succeeded."
     )
     cancel: bool = Field(
         default=False,
@@ -1137,6 +1163,34 @@ class OutputStatus(_StatusModel):
     )
 
 
+ServingPhase = Literal["Pending", "Starting", "Loading", "Serving", "NotServed", "Failed"]
+
+
+class ServingStatus(_StatusModel):
+    """Where the fine-tuned model is served, or why it is not (spec.serving)."""
+
+    phase: ServingPhase | None = Field(
+        default=None,
+        description=(
+            "Pending (waiting for the job to succeed), Starting (the vLLM server starts), "
+            "Loading (the adapter is being fetched and loaded), Serving, NotServed (the "
+            "promotion gate refused it, or serving was turned off) or Failed."
+        ),
+    )
+    reason: ShortText | None = Field(default=None, description="CamelCase reason for the phase.")
+    message: ShortText | None = Field(default=None, description="What happened, for a human.")
+    server: Name | None = Field(
+        default=None, description="The vLLM server (Deployment and Service) that serves it."
+    )
+    endpoint: Annotated[str, Field(max_length=2048)] | None = Field(
+        default=None,
+        description="Base URL of the OpenAI-compatible API that serves it (ends in /v1).",
+    )
+    model: Annotated[str, Field(max_length=253)] | None = Field(
+        default=None, description="The model name to request at the endpoint."
+    )
+
+
 class FineTuneStatus(_StatusModel):
     """Observed state, written by the operator and the trainer; fields appear once known."""
 
@@ -1186,6 +1240,9 @@ class FineTuneStatus(_StatusModel):
         default=None, description="GPU memory estimate made before scheduling."
     )
     output: OutputStatus | None = Field(default=None, description="Published files.")
+    serving: ServingStatus | None = Field(
+        default=None, description="Where the fine-tuned model is served (spec.serving)."
+    )
     message: ShortText | None = Field(
         default=None, description="Human-readable summary of the current state."
     )
@@ -1197,7 +1254,7 @@ class FineTuneStatus(_StatusModel):
 # ----------------------------------------------------------------------------------------- root
 
 # Fields that may change once the training Job exists; everything else in spec is frozen then.
-MUTABLE_FIELDS = ("suspend", "cancel", "max_retries", "timeout", "queue_name")
+MUTABLE_FIELDS = ("suspend", "cancel", "max_retries", "timeout", "queue_name", "serving")
 
 
 def _spec_unchanged(name: str) -> str:
