@@ -108,15 +108,17 @@ def build_tokenizer() -> Any:
     return tokenizer
 
 
-def build_tiny_model(directory: Path) -> Path:
-    """A random-init 2-layer Llama (hidden 64) plus tokenizer, saved like a Hub model."""
+def build_tiny_model(directory: Path, *, heads: int = 4) -> Path:
+    """A random-init 2-layer Llama (hidden 64) plus tokenizer, saved like a Hub model.
+
+    `heads=2` gives head_dim 32, the smallest vLLM's CPU attention runs (the serving tests)."""
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
         tie_word_embeddings=False,
