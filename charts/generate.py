@@ -37,6 +37,7 @@ OPEN_OBJECTS = {
     "serviceAccount.annotations",
     "metrics.serviceMonitor.labels",
     "admissionPolicy.namespaceSelector",
+    "serving.resources",
     "apiServer.resources",
     "apiServer.nodeSelector",
     "apiServer.serviceAccountAnnotations",

@@ -25,7 +25,7 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator import metrics, observed, reconcile
+from kubetune_operator import metrics, observed, reconcile, serving_reconcile
 from kubetune_operator.kube import Kube
 from kubetune_operator.kube import login as kube_login
 from kubetune_operator.manifests import ftj_name_of
@@ -37,10 +37,14 @@ from kubetune_operator.settings import (
     load_settings,
 )
 from kubetune_trainer.api import GROUP, PLURAL, VERSION
+from kubetune_trainer.serving import SERVER_LABEL
 
 FTJ = (GROUP, VERSION, PLURAL)
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
 KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
+SERVERS = {SERVER_LABEL: kopf.PRESENT}
+# A job waiting to be served is looked at this often (the agent's state is read with a GET).
+SERVING_CHECK_INTERVAL = 5.0
 # The Job controller tries to create the pod at once, and posts FailedCreate when it cannot.
 POD_CHECK_DELAY = 3.0
 POD_CHECK_INTERVAL = 15.0
@@ -124,6 +128,37 @@ async def workload_index(namespace: str | None, body: kopf.Body, **_: Any) -> An
     return {(namespace, name): observed.slim_workload(body)} if name else None
 
 
+# vLLM servers (serving_reconcile.py): their Deployments and pods, keyed by (namespace, server).
+@kopf.index("apps", "v1", "deployments", labels=SERVERS)
+async def server_index(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    name = (body.metadata.labels or {}).get(SERVER_LABEL)
+    return {(namespace, name): observed.slim_deployment(body)} if name else None
+
+
+@kopf.index("v1", "pods", labels=SERVERS)
+async def server_pod_index(namespace: str | None, body: kopf.Body, **_: Any) -> Any:
+    name = (body.metadata.labels or {}).get(SERVER_LABEL)
+    return {(namespace, name): observed.slim_pod(body)} if name else None
+
+
+def _serving_seen(kwargs: Mapping[str, Any]) -> serving_reconcile.ServingSeen:
+    return serving_reconcile.ServingSeen(
+        ftjs=kwargs["ftj_index"],
+        deployments=kwargs["server_index"],
+        pods=kwargs["server_pod_index"],
+    )
+
+
+async def _serve(
+    memo: kopf.Memo, namespace: str, kwargs: Mapping[str, Any], *, throttle: bool = False
+) -> None:
+    op = _operator(memo)
+    async with metrics.timed("serving"):
+        await serving_reconcile.reconcile_namespace(
+            op.kube, op.settings, op.serving, namespace, _serving_seen(kwargs), throttle=throttle
+        )
+
+
 def _seen(kwargs: Mapping[str, Any]) -> reconcile.Observed:
     return reconcile.Observed(
         ftjs=kwargs["ftj_index"],
@@ -198,11 +233,38 @@ async def deleting(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
 
 
 @kopf.on.event(*FTJ)
-async def ftj_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def ftj_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     metrics.TRACKER.observe(type, body)
     op = memo.get("operator")
     if type == "DELETED" and isinstance(op, reconcile.Operator):
         op.forget(body.metadata.namespace or "", body.metadata.name or "")
+    if isinstance(op, reconcile.Operator) and (
+        serving_reconcile.relevant(body) or (type == "DELETED" and body.status.get("serving"))
+    ):
+        await _serve(memo, body.metadata.namespace or "", kwargs)
+
+
+def _waiting_to_be_served(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    phase = (status.get("serving") or {}).get("phase")
+    wants = bool((spec.get("serving") or {}).get("enabled")) and status.get("phase") == "Succeeded"
+    return wants and phase not in ("Serving", "NotServed")
+
+
+# While a succeeded job waits to be served (server starting, adapter loading) or its serving
+# failed: the agent reports through a ConfigMap the operator reads with a GET.
+@kopf.timer(*FTJ, interval=SERVING_CHECK_INTERVAL, when=_waiting_to_be_served)
+async def serving_check(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _serve(memo, body.metadata.namespace or "", kwargs, throttle=True)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=SERVERS)
+async def server_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _serve(memo, body.metadata.namespace or "", kwargs)
+
+
+@kopf.on.event("v1", "pods", labels=SERVERS)
+async def server_pod_event(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    await _serve(memo, body.metadata.namespace or "", kwargs)
 
 
 # ------------------------------------------------------------------------ Jobs and pods

@@ -335,7 +335,9 @@ def _resources(spec: FineTuneSpec) -> Body:
     return out
 
 
-def _env(spec: FineTuneSpec) -> list[Body]:
+def storage_env(spec: FineTuneSpec) -> list[Body]:
+    """PYTHONUNBUFFERED, HOME and the S3 keys (secretKeyRef) of a container that reads the
+    job's storage: the trainer, and a model server's init container and agent."""
     env: list[Body] = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},  # logs reach `kubectl logs` at once
         {"name": "HOME", "value": "/tmp"},  # the root file system is read-only
@@ -428,7 +430,7 @@ def job(t: Target, settings: OperatorSettings) -> Body:
         # Explicit command: the trainer does not depend on the image's ENTRYPOINT (and the
         # local process node, which runs no images, can run it).
         "command": trainer_command(t.spec, settings),
-        "env": _env(spec),
+        "env": storage_env(spec),
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "securityContext": {

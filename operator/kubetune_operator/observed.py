@@ -81,6 +81,17 @@ def slim_job(body: Body) -> dict[str, Any]:
     }
 
 
+def slim_deployment(body: Body) -> dict[str, Any]:
+    """A model server's Deployment: identity, owners, annotations (port, template hash),
+    replicas and status; not the pod template."""
+    spec = body.get("spec") or {}
+    return {
+        "metadata": _meta(body, _CHILD_META),
+        "spec": {"replicas": spec.get("replicas")},
+        "status": body.get("status") or {},
+    }
+
+
 def slim_pod(body: Body) -> dict[str, Any]:
     """A pod's identity, labels and status (phase, conditions, container states)."""
     return {"metadata": _meta(body, _CHILD_META), "status": body.get("status") or {}}

@@ -24,6 +24,7 @@ import kopf
 
 from kubetune_operator import manifests, metrics, observed, status, validation
 from kubetune_operator.kube import ApiError, Forbidden, Kube, path
+from kubetune_operator.serving_reconcile import ServingMemory
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.api import API_VERSION, PLURAL, FineTuneSpec
 from kubetune_trainer.config import CONFIG_KEY
@@ -58,6 +59,7 @@ class Operator:
     # Why the Job controller cannot create a job's pod (its FailedCreate Event), keyed by
     # FineTuneJob, with the Job's uid: found by check_pod_creation, dropped once a pod exists.
     pod_blockers: dict[tuple[str, str], tuple[str, status.Blocker]] = field(default_factory=dict)
+    serving: ServingMemory = field(default_factory=ServingMemory)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """One status computation at a time per FineTuneJob: the last patch sent is always

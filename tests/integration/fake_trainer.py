@@ -7,7 +7,8 @@ subresource of its FineTuneJob with its projected ServiceAccount token, exactly 
 does: /apis/kubetune.dev/v1alpha1/namespaces/{ns}/finetunejobs/{name}/status.
 
 What it does is chosen by the job's spec.baseModel.uri, `s3://fake/<mode>[-<seconds>]`:
-- succeed-N: report progress for N seconds (default 2), then metrics, exit 0; its termination
+- succeed-N: report progress for N seconds (default 2), then metrics (validation loss 1.0, the
+  base model's 2.0), exit 0; worse-N: the same with validation loss 3.0; its termination
   message is a JSON record of what its RBAC allowed (own status, another job's, pods);
 - data-error: write an actionable line as termination message, exit DATA_ERROR;
 - oom: allocate memory until the memory limit kills it (OOMKilled);
@@ -113,11 +114,13 @@ def main() -> int:
         report(1, 10)
         time.sleep(seconds)
         return 0
-    # succeed
+    # succeed (or worse: succeed with a validation loss above the base model's)
     steps = 5
     for step in range(1, steps + 1):
         time.sleep(seconds / steps)
         report(step * 2, 10, metrics={"trainLoss": 2.0 - step * 0.2})
+    evaluated = {"evalLoss": 3.0 if mode == "worse" else 1.0, "baseEvalLoss": 2.0}
+    api.call("PATCH", status_path, {"status": {"metrics": evaluated}})
     rbac = {
         "own": own,
         "other": api.call(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,17 +77,20 @@ def restricted_namespace(cluster: Cluster) -> Iterator[str]:
 @pytest.fixture
 def start_operator(
     cluster: Cluster, operator_identity: OperatorIdentity, restricted_namespace: str, tmp_path: Path
-) -> Iterator[Callable[[str], OperatorProcess]]:
+) -> Iterator[Callable[..., OperatorProcess]]:
     """Start replicas of the operator watching the test's namespace, with the rights the chart
     gives it there (operator.watchNamespaces) and none elsewhere; all stopped afterwards."""
     grant_operator(cluster, operator_identity, restricted_namespace)
     started: list[OperatorProcess] = []
 
-    def start(name: str = "a") -> OperatorProcess:
+    def start(name: str = "a", env: dict[str, str] | None = None) -> OperatorProcess:
         metrics, health = free_port(), free_port()
         replica = OperatorProcess(
             name=name,
-            env=operator_env(operator_identity, restricted_namespace, metrics, health),
+            env={
+                **operator_env(operator_identity, restricted_namespace, metrics, health),
+                **(env or {}),
+            },
             log_path=tmp_path / f"operator-{name}-{len(started)}.log",
             metrics_port=metrics,
             health_port=health,
@@ -899,3 +903,112 @@ def test_a_refused_change_of_the_job_is_in_a_condition_and_an_event(
     wait_events(cluster, ns, "changed", "UpdateNotApplied", kind="Warning")
     job = get(cluster, "job", "changed-train", ns)
     assert job is not None and job["spec"]["backoffLimit"] == 2  # the previous setting
+
+
+# -------------------------------------------------------------------------------- serving
+
+FAKE_SERVING = Path(__file__).resolve().parent / "fake_serving.py"
+
+
+def serving_env() -> dict[str, str]:
+    """The operator's serving settings for the process node: stand-ins for vLLM and the agent
+    (fake_serving.py), a port range of its own (pods share the host's network), pod address."""
+    low = free_port()
+    return {
+        "KUBETUNE_SERVING_COMMAND": json.dumps(["python", str(FAKE_SERVING), "vllm"]),
+        "KUBETUNE_SERVING_AGENT_COMMAND": json.dumps(["python", str(FAKE_SERVING)]),
+        "KUBETUNE_SERVING_PORTS": f"{low}-{low + 3}",
+        "KUBETUNE_SERVING_ADDRESS": "pod",
+        "KUBETUNE_SERVING_RESOURCES": "{}",
+    }
+
+
+def serving_of(cluster: Cluster, ns: str, name: str) -> Obj:
+    return dict(((get(cluster, "ftj", name, ns) or {}).get("status") or {}).get("serving") or {})
+
+
+def wait_serving(cluster: Cluster, ns: str, name: str, phase: str, timeout: float = 90) -> Obj:
+    def reached() -> Obj | None:
+        current = serving_of(cluster, ns, name)
+        return current if current.get("phase") == phase else None
+
+    return wait_until(reached, timeout, f"{name} to be {phase} (serving)", interval=0.5)
+
+
+def chat(endpoint: str, model: str) -> str:
+    request = urllib.request.Request(
+        f"{endpoint}/chat/completions",
+        data=json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return str(json.loads(response.read())["choices"][0]["message"]["content"])
+
+
+def test_succeeded_adapters_share_one_server_and_leave_it_when_deleted(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[..., OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a", serving_env()).wait_active()
+    serve = {"enabled": True, "promotionGate": "evalLoss"}
+    for name, mode in (("first", "succeed-1"), ("second", "succeed-1"), ("worse", "worse-1")):
+        cluster.apply(finetunejob(name, mode, output={"uri": f"s3://outputs/{name}"},
+                                  serving=serve), ns)  # fmt: skip
+    first = wait_serving(cluster, ns, "first", "Serving")
+    second = wait_serving(cluster, ns, "second", "Serving")
+    assert first["server"] == second["server"] and first["endpoint"] == second["endpoint"]
+    assert (first["model"], second["model"]) == ("first", "second")
+    assert first["endpoint"].startswith("http://127.0.0.1:")
+    assert chat(first["endpoint"], "second") == "second says hi"
+    worse = wait_serving(cluster, ns, "worse", "NotServed")
+    assert worse["reason"] == "PromotionGateRefused" and "3.0000 is not below" in worse["message"]
+
+    server = first["server"]
+    deployment = get(cluster, "deployment", server, ns)
+    assert deployment is not None
+    owners = sorted(o["name"] for o in deployment["metadata"]["ownerReferences"])
+    assert owners == ["first", "second"]  # not the job the gate refused
+    desired = json.loads(get(cluster, "configmap", f"{server}-desired", ns)["data"]["desired.json"])  # type: ignore[index]
+    assert sorted(a["name"] for a in desired["adapters"]) == ["first", "second"]
+    # The agent's rights: its two ConfigMaps, nothing else.
+    me = f"system:serviceaccount:{ns}:{server}"
+    for verb, what, allowed in [
+        ("get", f"configmap/{server}-desired", "yes"),
+        ("patch", f"configmap/{server}-state", "yes"),
+        ("patch", f"configmap/{server}-desired", "no"),
+        ("list", "configmaps", "no"),
+        ("get", "finetunejobs", "no"),
+        ("get", "secrets", "no"),
+    ]:
+        answer = cluster.kubectl("auth", "can-i", verb, what, "-n", ns, "--as", me, check=False)
+        assert answer.stdout.strip() == allowed, (verb, what)
+
+    # Deleting a job unloads its adapter; the other one stays served.
+    cluster.kubectl("delete", "ftj", "first", "-n", ns)
+
+    def unloaded() -> bool:
+        cm = get(cluster, "configmap", f"{server}-desired", ns) or {"data": {"desired.json": "{}"}}
+        names = [a["name"] for a in json.loads(cm["data"]["desired.json"]).get("adapters", [])]
+        return names == ["second"]
+
+    wait_until(unloaded, 30, "the first adapter to be unloaded")
+    assert serving_of(cluster, ns, "second")["phase"] == "Serving"
+    # Serving turned off: the server holds nothing and scales to zero; deleting the last job
+    # it served removes it (garbage collection, no finalizer).
+    cluster.kubectl("patch", "ftj", "second", "-n", ns, "--type=merge",
+                    "-p", '{"spec":{"serving":{"enabled":false}}}')  # fmt: skip
+    wait_until(lambda: not serving_of(cluster, ns, "second"), 30, "status.serving to clear")
+    wait_until(lambda: (get(cluster, "deployment", server, ns) or {}).get("spec", {}).get(
+        "replicas") == 0, 30, "the server to scale to zero")  # fmt: skip
+    cluster.kubectl("delete", "ftj", "second", "worse", "-n", ns)
+    wait_until(lambda: get(cluster, "deployment", server, ns) is None, 60, "the server to go")
+
+
+def test_an_adapter_that_fails_to_load_says_why(
+    cluster: Cluster, restricted_namespace: str, start_operator: Callable[..., OperatorProcess]
+) -> None:
+    ns = restricted_namespace
+    start_operator("a", serving_env()).wait_active()
+    cluster.apply(finetunejob("adapter-broken", "succeed-1", serving={"enabled": True}), ns)
+    failed = wait_serving(cluster, ns, "adapter-broken", "Failed")
+    assert failed["reason"] == "AdapterLoadFailed" and "SHA256SUMS" in failed["message"]
