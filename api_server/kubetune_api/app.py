@@ -23,6 +23,7 @@ from kubetune_api.errors import ApiError, bad_request, not_found
 from kubetune_api.files import Files, Upload, safe_filename
 from kubetune_api.finetuning import FineTuning
 from kubetune_api.identity import Caller
+from kubetune_api.inference import Inference
 from kubetune_api.models import Models
 from kubetune_trainer.api import DNS_SUBDOMAIN_PATTERN
 
@@ -32,6 +33,7 @@ CONTEXT: Final = web.AppKey("context", Context)
 FILES: Final = web.AppKey("files", Files)
 JOBS: Final = web.AppKey("jobs", FineTuning)
 MODELS: Final = web.AppKey("models", Models)
+INFERENCE: Final = web.AppKey("inference", Inference)
 CHUNK: Final = 1024 * 1024
 # Multipart framing and the purpose field around the file itself.
 _MULTIPART_OVERHEAD: Final = 64 * 1024
@@ -209,6 +211,21 @@ async def file_content(request: web.Request) -> web.Response:
     )
 
 
+# ------------------------------------------------------------------------- completions
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    caller = await caller_of(request)
+    body = await json_body(request)
+    return await request.app[INFERENCE].forward(request, caller, body, "chat/completions")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    caller = await caller_of(request)
+    body = await json_body(request)
+    return await request.app[INFERENCE].forward(request, caller, body, "completions")
+
+
 # -------------------------------------------------------------------------------- jobs
 
 
@@ -257,7 +274,8 @@ def build_app(context: Context) -> web.Application:
     app[CONTEXT] = context
     app[FILES] = files = Files(context)
     app[JOBS] = FineTuning(context, files)
-    app[MODELS] = Models(context)
+    app[MODELS] = models = Models(context)
+    app[INFERENCE] = inference = Inference(context, models)
     jobs = "/v1/fine_tuning/jobs"
     app.add_routes(
         [
@@ -265,6 +283,8 @@ def build_app(context: Context) -> web.Application:
             web.get("/v1/models", list_models),
             web.get("/v1/models/{model}", get_model),
             web.delete("/v1/models/{model}", delete_model),
+            web.post("/v1/chat/completions", chat_completions),
+            web.post("/v1/completions", completions),
             web.post("/v1/files", create_file),
             web.get("/v1/files", list_files),
             web.get("/v1/files/{file_id}", get_file),
@@ -283,8 +303,10 @@ def build_app(context: Context) -> web.Application:
 
     async def start(app: web.Application) -> None:
         await context.kube.start()
+        await inference.start()
 
     async def stop(app: web.Application) -> None:
+        await inference.close()
         await context.kube.close()
 
     app.on_startup.append(start)

@@ -21,7 +21,9 @@ ERROR_TYPES: Final = {
     409: "conflict_error",
     429: "rate_limit_error",
     500: "server_error",
+    502: "server_error",
     503: "server_error",
+    504: "server_error",
 }
 RETRYABLE: Final = frozenset({429, 503})
 

@@ -6,49 +6,69 @@ a patch with the caller's token, so RBAC decides) and then deletes the job's out
 checkpoints, training log) from the API's store. The FineTuneJob itself stays, as a job does
 after its model is deleted from OpenAI. Outputs outside the API's store (kubectl-applied jobs
 writing elsewhere) are not the server's to delete.
+
+Each model object carries `serving` (kubetune's addition; null when nothing serves it): a
+fine-tuned model's status.serving phase, reason and message, or Serving for a base model whose
+vLLM server runs in the namespace (routing.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from kubetune_api import jobs
+from kubetune_api import jobs, routing
+from kubetune_api.catalogue import CatalogueModel
 from kubetune_api.context import Context
 from kubetune_api.errors import ApiError, bad_request, not_found
 from kubetune_api.identity import Caller
 from kubetune_api.kube import FIELD_MANAGER, MERGE_PATCH
-from kubetune_api.schemas import ListPage, ModelDeleted, ModelObject
+from kubetune_api.schemas import ListPage, ModelDeleted, ModelObject, ModelServing
 
 
 class Models:
     def __init__(self, context: Context) -> None:
         self.context = context
 
-    def _base(self) -> list[ModelObject]:
-        return [
-            ModelObject(id=m.name, created=self.context.started, owned_by=m.owned_by)
-            for m in self.context.models.values()
-        ]
+    def _base(self, model: CatalogueModel, namespace_jobs: Sequence[jobs.JobView]) -> ModelObject:
+        server = routing.base_server_job(namespace_jobs, model)
+        serving = None
+        if server is not None:
+            serving = ModelServing(
+                phase="Serving",
+                reason="Serving",
+                message=f"Served with the adapters of FineTuneJob {server.name}.",
+            )
+        return ModelObject(
+            id=model.name, created=self.context.started, owned_by=model.owned_by, serving=serving
+        )
 
     def _fine_tuned(self, job: jobs.JobView) -> ModelObject | None:
         if jobs.job_status(job) != "succeeded" or job.model_deleted:
             return None
         base = job.base_model(self.context.names_by_uri)
         finished = jobs.timestamp(job.status.get("completionTime"))
+        status = routing.serving_status(job)
+        serving = None
+        if status.get("phase"):
+            serving = ModelServing.model_validate(
+                {k: str(status[k]) for k in ("phase", "reason", "message") if status.get(k)}
+            )
         return ModelObject(
             id=jobs.fine_tuned_model_id(job, base),
             created=finished or jobs.timestamp(job.meta.get("creationTimestamp")) or 0,
             owned_by=job.namespace,
+            serving=serving,
         )
 
     async def list_models(self, caller: Caller) -> ListPage[ModelObject]:
-        tuned = [
-            self._fine_tuned(j) for j in jobs.newest_first(await self.context.list_jobs(caller))
-        ]
-        data = self._base() + [m for m in tuned if m is not None]
+        namespace_jobs = jobs.newest_first(await self.context.list_jobs(caller))
+        tuned = [self._fine_tuned(j) for j in namespace_jobs]
+        base = [self._base(m, namespace_jobs) for m in self.context.models.values()]
+        data = base + [m for m in tuned if m is not None]
         return ListPage[ModelObject](data=data)
 
-    async def _job_of(self, caller: Caller, model_id: str) -> jobs.JobView:
+    async def fine_tuned_job(self, caller: Caller, model_id: str) -> jobs.JobView:
         """The succeeded FineTuneJob behind a fine-tuned model of the caller's namespace."""
         parsed = jobs.parse_fine_tuned_model(model_id)
         missing = not_found(f"no model {model_id!r} in namespace {caller.namespace}", "model")
@@ -68,8 +88,8 @@ class Models:
     async def retrieve(self, caller: Caller, model_id: str) -> ModelObject:
         base = self.context.models.get(model_id)
         if base is not None:
-            return ModelObject(id=base.name, created=self.context.started, owned_by=base.owned_by)
-        model = self._fine_tuned(await self._job_of(caller, model_id))
+            return self._base(base, await self.context.list_jobs(caller))
+        model = self._fine_tuned(await self.fine_tuned_job(caller, model_id))
         assert model is not None
         return model
 
@@ -82,7 +102,7 @@ class Models:
                 param="model",
                 code="permission_denied",
             )
-        job = await self._job_of(caller, model_id)
+        job = await self.fine_tuned_job(caller, model_id)
         if not self.context.readable(job):
             raise bad_request(
                 f"the output of job {job.name} ({job.output_uri}) is not in the API's store: "

@@ -149,11 +149,22 @@ class JobCheckpoint(_Out):
 # ---------------------------------------------------------------------------------- models
 
 
+class ModelServing(_Out):
+    """kubetune's addition to OpenAI's model object: whether chat completions can use it now.
+    phase: Serving, or (fine-tuned models) status.serving's Pending, Starting, Loading,
+    NotServed or Failed, with its reason and message."""
+
+    phase: str | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
 class ModelObject(_Out):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    serving: ModelServing | None = None  # null: not served (nothing asked to serve it)
 
 
 class ModelDeleted(_Out):

@@ -67,6 +67,15 @@ class ApiSettings(BaseModel):
     max_upload_bytes: int = Field(
         default=100 * MiB, ge=1, description="Largest file accepted by POST /v1/files."
     )
+    inference_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        le=86400,
+        description=(
+            "Seconds to wait for a vLLM server's answer to a chat completion or completion: "
+            "for the whole answer, or for each next piece of a stream."
+        ),
+    )
     kubernetes_server: Annotated[str, Field(pattern=r"^https?://[^ ]+$")] | None = Field(
         default=None,
         description=(

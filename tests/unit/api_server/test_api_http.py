@@ -46,7 +46,9 @@ def test_health_needs_no_key() -> None:
 
 def test_requests_without_a_key_are_401_in_openais_shape() -> None:
     for method, path in (("GET", "/v1/models"), ("GET", "/v1/fine_tuning/jobs"),
-                         ("POST", "/v1/files"), ("GET", "/v1/files/file-x/content")):  # fmt: skip
+                         ("POST", "/v1/files"), ("GET", "/v1/files/file-x/content"),
+                         ("POST", "/v1/chat/completions"),
+                         ("POST", "/v1/completions")):  # fmt: skip
         status, headers, body = call(method, path)
         assert status == 401, path
         assert body["error"]["type"] == "authentication_error"
@@ -55,16 +57,21 @@ def test_requests_without_a_key_are_401_in_openais_shape() -> None:
 
 
 def test_unknown_endpoints_and_methods_answer_in_openais_shape() -> None:
-    status, _, body = call("GET", "/v1/completions")
+    status, _, body = call("POST", "/v1/embeddings")
     assert status == 404 and "no such endpoint" in body["error"]["message"]
-    status, _, body = call("PUT", "/v1/models")
-    assert status == 405 and body["error"]["type"]
+    for method, path in (("PUT", "/v1/models"), ("GET", "/v1/chat/completions"),
+                         ("GET", "/v1/completions")):  # fmt: skip
+        status, _, body = call(method, path)
+        assert status == 405 and body["error"]["type"], path
 
 
 def test_an_unreachable_kubernetes_api_is_a_503_not_a_500() -> None:
-    status, headers, body = call("GET", "/v1/models", headers={"Authorization": "Bearer t"})
-    assert status == 503 and body["error"]["code"] == "upstream_error"
-    assert headers["x-should-retry"] == "true"
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+        status, headers, body = call(
+            method, path, headers={"Authorization": "Bearer t"}, json={"model": "m"}
+        )
+        assert status == 503 and body["error"]["code"] == "upstream_error"
+        assert headers["x-should-retry"] == "true"
 
 
 def test_the_server_imports_no_torch() -> None:
