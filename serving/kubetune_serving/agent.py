@@ -292,7 +292,7 @@ class Agent:
             transient = exc.reason in RETRIED_REASONS
             message = f"Fetching {adapter.uri} failed: {exc}"
         elif isinstance(exc, PublishedError):
-            message = f"{adapter.uri}: {exc}"
+            message = str(exc)  # names the manifest or the files; the report has the URI
         elif isinstance(exc, VllmError):
             transient = exc.status is None  # vLLM went away mid-load: not the adapter's fault
             message = f"vLLM refused the adapter: {exc}"
@@ -345,10 +345,10 @@ class Agent:
             return
         self.written = state
         log.info(
-            "state: vLLM %s%s; %s",
+            "state: vLLM %s; %s%s",
             "ready" if state.vllm_ready else "not ready",
-            f" ({message})" if message else "",
             ", ".join(f"{n} {r.state}" for n, r in sorted(state.adapters.items())) or "no adapters",
+            f" ({message})" if message else "",
         )
 
     def _load_written(self) -> None:
