@@ -11,15 +11,17 @@
 #                                             also tag REGISTRY/operator:<v> and REGISTRY/trainer:<v>
 #                                             and push them
 #
-# Settings (environment): BASE=public|local, VARIANT=cuda|cpu (trainer), IMAGES="operator
-# trainer", REGISTRY, PUSH_ARGS, ENGINE=podman|docker (default: a docker engine that answers,
-# else podman, installed with apt when missing). Tags come from charts/kubetune/Chart.yaml's
-# appVersion, which is what the chart deploys by default.
+# Settings (environment): BASE=public|local, OPERATOR_BASE / TRAINER_BASE (public bases other
+# than the Dockerfiles' defaults, e.g. pinned by digest: python:3.11-slim-bookworm@sha256:...),
+# VARIANT=cuda|cpu (trainer), IMAGES="operator trainer", REGISTRY, PUSH_ARGS,
+# ENGINE=podman|docker (default: a docker engine that answers, else podman, installed with apt
+# when missing). Tags come from charts/kubetune/Chart.yaml's appVersion, which is what the chart
+# deploys by default.
 #
 # Cached under ${XDG_CACHE_HOME:-~/.cache}/kubetune/images: the local base's root filesystem
-# (keyed by its recipe) and, with podman, pip's cache (the Dockerfiles' cache mounts), so a
-# rebuild after a lock change downloads only what changed. The engine's own layer cache makes a
-# rebuild with an unchanged lock take seconds, whatever code changed.
+# (keyed by its recipe) and, with podman, the Dockerfiles' pip cache mounts (useful where the
+# network's responses are cacheable). The engine's layer cache does the rest: a rebuild with an
+# unchanged lock takes seconds, whatever code changed.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,6 +31,7 @@ variant=${VARIANT:-cuda}
 images=${IMAGES:-operator trainer}
 version=$(awk -F'"' '/^appVersion:/ { print $2 }' "$root/charts/kubetune/Chart.yaml")
 say() { echo "images: $*" >&2; }
+mkdir -p "$cache"
 
 apt_install() {  # apt_install <command> <package...>: only when the command is missing
   local cmd=$1; shift
@@ -49,7 +52,8 @@ if [ "$engine" = podman ]; then
   # (docs/images.md). Elsewhere podman's own settings apply.
   cap_eff=$(awk '/^CapEff:/ { print $2 }' /proc/self/status)
   if (((16#$cap_eff >> 24 & 1) == 0)) || [ ! -e /sys/fs/cgroup/cgroup.controllers ]; then
-    export CONTAINERS_CONF=${CONTAINERS_CONF:-$root/images/containers.conf}
+    CONTAINERS_CONF=$(realpath "${CONTAINERS_CONF:-$root/images/containers.conf}")
+    export CONTAINERS_CONF
     engine_args=(--runtime runc)
   fi
 fi
@@ -76,7 +80,7 @@ local_base() {
       rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
       cp "$ca" "$dir/etc/kubetune-host-ca.pem"
       printf '[global]\ncert = /etc/kubetune-host-ca.pem\n' >"$dir/etc/pip.conf"
-      tar --numeric-owner -C "$dir" -cf "$tar.tmp" . && mv "$tar.tmp" "$tar"
+      tar --numeric-owner -C "$dir" -cf "$dir.tar" . && mv "$dir.tar" "$tar"  # atomic: runs may race
       rm -rf "$dir"
       say "base root filesystem in $((SECONDS - start)) s"
     fi
@@ -105,11 +109,15 @@ suffix=""
 built=()
 for name in $images; do
   case $name in
-    operator) file=Dockerfile tag=$prefix/operator:$version extra=() ;;
+    operator)
+      file=Dockerfile tag=$prefix/operator:$version extra=()
+      [ -n "${OPERATOR_BASE:-}" ] && extra+=(--build-arg "BASE=$OPERATOR_BASE")
+      ;;
     trainer)
       file=trainer_image/Dockerfile tag=$prefix/trainer:$version$suffix
       extra=(--build-arg "VARIANT=$variant")
       [ "$base" = local ] && extra+=(--build-arg PYTHON=python3.11)
+      [ -n "${TRAINER_BASE:-}" ] && extra+=(--build-arg "BASE=$TRAINER_BASE")
       ;;
     *) say "unknown image $name (operator, trainer)"; exit 2 ;;
   esac
