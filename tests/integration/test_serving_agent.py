@@ -69,11 +69,12 @@ TIMINGS: dict[str, float] = {}
 
 
 def agent_role(server: str) -> dict[str, Any]:
-    """The serving agent's Role, exactly as the operator creates it (kubetune_trainer.serving)."""
+    """The serving agent's Role, exactly as the operator creates it (named after the server,
+    like its ServiceAccount and RoleBinding)."""
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": {"name": f"{server}-agent"},
+        "metadata": {"name": server},
         "rules": [
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"],
              "resourceNames": [f"{server}-desired"]},
@@ -329,12 +330,12 @@ class AgentRun:
             ) from None
 
 
-def configmap(name: str, key: str | None, text: str = "") -> dict[str, Any]:
+def configmap(name: str, key: str, text: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": name},
-        "data": {key: text} if key else {},
+        "data": {key: text},
     }
 
 
@@ -353,9 +354,9 @@ def agent(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[AgentRun]:
     """The agent with the operator's objects: its ServiceAccount, Role and RoleBinding, the
-    desired ConfigMap (no adapters) and the empty state ConfigMap."""
+    desired ConfigMap (no adapters) and the state ConfigMap (an empty ServerState)."""
     server = f"kubetune-serve-{uuid.uuid4().hex[:10]}"
-    account = f"{server}-agent"
+    account = server
     ns = agent_namespace
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -370,7 +371,7 @@ def agent(
             agent_role(server),
             binding,
             configmap(f"{server}-desired", DESIRED_KEY, DesiredState().to_json()),
-            configmap(f"{server}-state", None),
+            configmap(f"{server}-state", STATE_KEY, ServerState().to_json()),
         ],
         ns,
     )
@@ -486,7 +487,7 @@ def test_fetch_model_checks_a_full_fine_tunes_files_and_says_what_is_wrong(
 
 
 def test_agent_role_grants_only_its_two_configmaps(cluster: Cluster, agent: AgentRun) -> None:
-    who = f"system:serviceaccount:{agent.namespace}:{agent.server}-agent"
+    who = f"system:serviceaccount:{agent.namespace}:{agent.server}"
 
     def can(*args: str) -> bool:
         result = cluster.kubectl("auth", "can-i", *args, "-n", agent.namespace, "--as", who,
