@@ -71,6 +71,46 @@ def as_format(fmt: str, prompt: str, completion: str) -> dict[str, Any]:
     return {"text": prompt + completion}
 
 
+def preference_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected): the counting task, where the rejected answer skips a number
+    or repeats the last one, so the preference is learnable and never a tie."""
+    rng = random.Random(seed)
+    pairs = []
+    for prompt, completion in counting_pairs(n, seed):
+        words = completion.split()
+        wrong = list(words)
+        i = rng.randrange(len(wrong))
+        wrong[i] = WORDS[(WORDS.index(words[i]) + rng.randint(2, 8)) % 10]
+        pairs.append((prompt, " " + " ".join(words), " " + " ".join(wrong)))
+    return pairs
+
+
+def preference_records(fmt: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """preference (the hosted API's layout), prompt-chosen-rejected (strings), or
+    prompt-chosen-rejected-chat (message lists)."""
+    out: list[dict[str, Any]] = []
+    for prompt, chosen, rejected in preference_pairs(n, seed):
+        if fmt == "preference":
+            out.append(
+                {
+                    "input": {"messages": [{"role": "user", "content": prompt}]},
+                    "preferred_output": [{"role": "assistant", "content": chosen.strip()}],
+                    "non_preferred_output": [{"role": "assistant", "content": rejected.strip()}],
+                }
+            )
+        elif fmt == "prompt-chosen-rejected-chat":
+            out.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen.strip()}],
+                    "rejected": [{"role": "assistant", "content": rejected.strip()}],
+                }
+            )
+        else:
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
 def records(fmt: str, n: int, seed: int) -> list[dict[str, Any]]:
     return [as_format(fmt, p, c) for p, c in counting_pairs(n, seed)]
 

@@ -29,7 +29,16 @@ SHORT_NAMES = ("ftj",)
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
 Method = Literal["lora", "qlora", "full"]
-DatasetFormat = Literal["auto", "chat", "instruction", "prompt-completion", "text"]
+Objective = Literal["sft", "dpo"]
+DatasetFormat = Literal[
+    "auto",
+    "chat",
+    "instruction",
+    "prompt-completion",
+    "text",
+    "preference",
+    "prompt-chosen-rejected",
+]
 Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 GradientCheckpointing = Literal["auto", "enabled", "disabled"]
 AddressingStyle = Literal["path", "virtual", "auto"]
@@ -251,8 +260,11 @@ class DatasetSource(_SpecModel):
             "chat template, training on the assistant messages; instruction: instruction, "
             "optional input and output, training on output; prompt-completion: prompt and "
             "completion, training on completion; text: a text field, trained on in full. "
-            "auto (default) detects the format from the first valid record; every record must "
-            "then have that format."
+            "Preference pairs (objective dpo): preference, the hosted fine-tuning API's layout "
+            "(input.messages, preferred_output and non_preferred_output, each one assistant "
+            "message); prompt-chosen-rejected: prompt, chosen and rejected, as plain strings or "
+            "as message lists rendered with the chat template. auto (default) detects the "
+            "format from the first valid record; every record must then have that format."
         ),
     )
     max_seq_length: int = Field(
@@ -260,8 +272,11 @@ class DatasetSource(_SpecModel):
         ge=16,
         le=131072,
         description=(
-            "Longest sequence in tokens; longer records are truncated (default 2048). Memory "
-            "use grows with it: raise it only as far as your data needs."
+            "Longest sequence in tokens; longer records are truncated (default 2048). With "
+            "objective dpo a prompt with its chosen or its rejected answer must fit: longer pairs "
+            "are skipped (never truncated, which would bias the preference) and counted in the "
+            "logs and metrics.json. Memory use grows with it: raise it only as far as your "
+            "data needs."
         ),
     )
 
@@ -369,6 +384,31 @@ class QuantizationConfig(_SpecModel):
     )
 
 
+class DpoConfig(_SpecModel):
+    """Direct Preference Optimization settings, used by objective dpo only."""
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=10,
+        description=(
+            "Strength of the pull towards the reference model (default 0.1): the implicit "
+            "reward of an answer is beta x its log-probability gain over the reference. Lower "
+            "values let the model move further from the reference; 0.1-0.5 is typical."
+        ),
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description=(
+            "Assumed share of pairs whose preference label is wrong (conservative DPO; default "
+            "0). Between 0 and 0.5: a little smoothing, such as 0.1, keeps noisy labels from "
+            "pushing the rewards apart without limit."
+        ),
+    )
+
+
 class Hyperparameters(_SpecModel):
     """Optimizer and schedule settings."""
 
@@ -394,7 +434,8 @@ class Hyperparameters(_SpecModel):
         le=1,
         description=(
             "Peak learning rate (default 2e-4, suited to LoRA/QLoRA). Full fine-tuning usually "
-            "needs 10-100x less, for example 1e-5."
+            "needs 10-100x less, for example 1e-5; DPO on a pretrained model less still (about "
+            "5e-6 for LoRA, 5e-7 for full)."
         ),
     )
     batch_size: int = Field(
@@ -404,8 +445,10 @@ class Hyperparameters(_SpecModel):
         description=(
             "Rows per GPU per forward pass (micro-batch; default 4). With packing on, a row "
             "holds several records packed up to maxSeqLength tokens; with packing off, one "
-            "record padded to the longest in the batch. Lower it if the job runs out of GPU "
-            "memory and raise gradientAccumulationSteps to keep the effective batch."
+            "record padded to the longest in the batch. With objective dpo a row holds "
+            "preference pairs instead (both answers of a pair, up to 2 x maxSeqLength tokens "
+            "packed; one pair unpacked). Lower it if the job runs out of GPU memory and raise "
+            "gradientAccumulationSteps to keep the effective batch."
         ),
     )
     gradient_accumulation_steps: int = Field(
@@ -861,10 +904,18 @@ class ServingConfig(_SpecModel):
     )
 
 
-QLORA_NEEDS_GPU = CelRule(
-    rule="self.method != 'qlora' || self.resources.gpus >= 1",
-    message="resources.gpus must be at least 1 for method qlora: QLoRA needs a GPU",
-    field_path=".resources.gpus",
+PREFERENCE_FORMATS: Final = ("preference", "prompt-chosen-rejected")
+_PREFERENCE_LIST = "[" + ", ".join(f"'{f}'" for f in PREFERENCE_FORMATS) + "]"
+OBJECTIVE_MATCHES_FORMAT = CelRule(
+    rule=(
+        f"self.objective == 'dpo' ? self.dataset.format in ['auto', "
+        f"{_PREFERENCE_LIST[1:-1]}] : !(self.dataset.format in {_PREFERENCE_LIST})"
+    ),
+    message=(
+        "dataset.format must be a preference format (preference, prompt-chosen-rejected or "
+        "auto) with objective dpo, and must not be one with objective sft"
+    ),
+    field_path=".dataset.format",
 )
 MERGE_NEEDS_ADAPTER = CelRule(
     rule="self.method != 'full' || !self.output.mergeAdapter",
@@ -927,7 +978,10 @@ class FineTuneSpec(_SpecModel):
 
     model_config = ConfigDict(
         json_schema_extra=_validations(
-            QLORA_NEEDS_GPU, MERGE_NEEDS_ADAPTER, *OUTPUT_CLEAR_OF_INPUTS, CANCEL_IS_FINAL
+            OBJECTIVE_MATCHES_FORMAT,
+            MERGE_NEEDS_ADAPTER,
+            *OUTPUT_CLEAR_OF_INPUTS,
+            CANCEL_IS_FINAL,
         )
     )
 
@@ -937,15 +991,31 @@ class FineTuneSpec(_SpecModel):
         default="lora",
         description=(
             "lora (default): train small low-rank adapters on a frozen 16-bit model. qlora: the "
-            "same on a 4-bit quantized model, using about a third of the GPU memory, somewhat "
-            "slower and needs a GPU. full: train all weights; best quality headroom but needs "
-            "several times the memory and writes a full model."
+            "same on a 4-bit quantized model (bitsandbytes NF4/FP4), using about a third of the "
+            "GPU memory, somewhat slower; also trains on CPU (resources.gpus 0). full: train all "
+            "weights; best quality headroom but needs several times the memory and writes a "
+            "full model. Independent of objective: each method trains sft or dpo."
+        ),
+    )
+    objective: Objective = Field(
+        default="sft",
+        description=(
+            "What the model learns. sft (default): supervised fine-tuning, to reproduce the "
+            "answers of chat, instruction, prompt-completion or text records. dpo: Direct "
+            "Preference Optimization on preference pairs (formats preference and "
+            "prompt-chosen-rejected): to prefer the chosen answer over the rejected one, "
+            "relative to a reference model (settings in dpo). The reference is the base model: "
+            "for lora and qlora the same weights with the adapter switched off (no second "
+            "copy in memory); for full, whose weights change, the reference log-probabilities "
+            "of every pair are computed once before the first step and kept with the "
+            "checkpoints."
         ),
     )
     lora: LoraConfig = _section(LoraConfig, "Adapter settings for method lora and qlora.")
     quantization: QuantizationConfig = _section(
         QuantizationConfig, "Quantization of the base model for method qlora."
     )
+    dpo: DpoConfig = _section(DpoConfig, "Preference optimization settings for objective dpo.")
     hyperparameters: Hyperparameters = _section(
         Hyperparameters, "Optimizer and schedule; the defaults suit LoRA on a few thousand records."
     )
@@ -1013,8 +1083,11 @@ class FineTuneSpec(_SpecModel):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if self.method == "qlora" and self.resources.gpus < 1:
-            raise ValueError(QLORA_NEEDS_GPU.message)
+        preference = self.dataset.format in PREFERENCE_FORMATS
+        if (self.objective == "dpo" and not preference and self.dataset.format != "auto") or (
+            self.objective == "sft" and preference
+        ):
+            raise ValueError(OBJECTIVE_MATCHES_FORMAT.message)
         if self.method == "full" and self.output.merge_adapter:
             raise ValueError(MERGE_NEEDS_ADAPTER.message)
         inputs = {
@@ -1088,7 +1161,11 @@ class TrainingMetrics(_StatusModel):
         default=None, description="Training loss, averaged over the latest logging window."
     )
     eval_loss: float | None = Field(
-        default=None, description="Validation loss of the fine-tuned model."
+        default=None,
+        description=(
+            "Validation loss of the fine-tuned model (with objective dpo the DPO loss on the "
+            "held-out pairs, whose base value is ln 2)."
+        ),
     )
     perplexity: NonNegFloat | None = Field(
         default=None, description="Validation perplexity of the fine-tuned model."
@@ -1104,6 +1181,50 @@ class TrainingMetrics(_StatusModel):
     )
     bleu: NonNegFloat | None = Field(
         default=None, description="BLEU of generated answers against references, 0-100."
+    )
+    reward_chosen: float | None = Field(
+        default=None,
+        description=(
+            "DPO: mean implicit reward of the chosen answers (beta x log-probability gain over "
+            "the reference), over the latest logging window."
+        ),
+    )
+    reward_rejected: float | None = Field(
+        default=None,
+        description="DPO: mean implicit reward of the rejected answers, latest logging window.",
+    )
+    reward_margin: float | None = Field(
+        default=None,
+        description="DPO: mean reward of chosen minus rejected answers, latest logging window.",
+    )
+    reward_accuracy: NonNegFloat | None = Field(
+        default=None,
+        description=(
+            "DPO: share of training pairs whose chosen answer has the higher reward, latest "
+            "logging window, 0-1."
+        ),
+    )
+    preference_accuracy: NonNegFloat | None = Field(
+        default=None,
+        description=(
+            "DPO: share of held-out pairs to which the fine-tuned model gives the chosen answer "
+            "a higher log-probability than the rejected one, 0-1."
+        ),
+    )
+    base_preference_accuracy: NonNegFloat | None = Field(
+        default=None,
+        description="DPO: the same share for the base model, for comparison.",
+    )
+    eval_reward_accuracy: NonNegFloat | None = Field(
+        default=None,
+        description=(
+            "DPO: share of held-out pairs whose chosen answer has the higher implicit reward "
+            "(the fine-tuned model moved the pair the right way, relative to the base), 0-1."
+        ),
+    )
+    eval_reward_margin: float | None = Field(
+        default=None,
+        description="DPO: mean reward margin (chosen minus rejected) on the held-out pairs.",
     )
     learning_rate: NonNegFloat | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: NonNegFloat | None = Field(

@@ -6,6 +6,7 @@ last, so a pod killed mid-upload leaves nothing that looks resumable):
     adapter_model.safetensors | model.safetensors   trainable weights (modeling.save_trainable)
     optimizer.pt, scheduler.pt, [scaler.pt]         AdamW moments, LR schedule position, AMP scale
     rng.pt                                          python, numpy, torch and CUDA generator states
+    [reference_logps.safetensors]                   DPO + full: the reference log-probabilities
     trainer_state.json                              step, data position, losses, spec, fingerprint
 
 The data position needs no sampler state: the plan (plan.py) is a pure function of the data and
@@ -40,6 +41,7 @@ OPTIMIZER_FILE: Final = "optimizer.pt"
 SCHEDULER_FILE: Final = "scheduler.pt"
 SCALER_FILE: Final = "scaler.pt"
 RNG_FILE: Final = "rng.pt"
+REFERENCE_FILE: Final = "reference_logps.safetensors"
 STATE_VERSION: Final = 1
 # Spec sections that change what is trained; output, storage, resources, evaluation and the
 # checkpoint cadence do not, so a resume under different values there is silent.
@@ -47,6 +49,8 @@ TRAINING_SPEC_FIELDS: Final = (
     "base_model",
     "dataset",
     "method",
+    "objective",
+    "dpo",
     "lora",
     "quantization",
     "hyperparameters",
@@ -185,6 +189,22 @@ def save_training_state(
     torch.save(capture_rng(), directory / RNG_FILE)
     # The state file goes last locally too: a directory with it is complete.
     (directory / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
+
+
+def save_reference(directory: Path, tables: Mapping[str, torch.Tensor]) -> None:
+    """DPO with full fine-tuning: the precomputed reference log-probabilities, by split."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tables.items()}, str(directory / REFERENCE_FILE))
+
+
+def load_reference(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The reference log-probabilities saved with a checkpoint, or None."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    path = directory / REFERENCE_FILE
+    return dict(load_file(str(path))) if path.is_file() else None
 
 
 def read_state(directory: Path) -> TrainerState:

@@ -22,6 +22,18 @@ to the byte. Per GPU (data-parallel training replicates everything):
 * logits: tokens x vocab x 10 B (bf16 logits, their fp32 upcast for the loss, its gradient).
 * 10% allocator slack on all of the above, plus 1 GiB for the CUDA context and workspaces.
 
+On the CPU (resources.gpus 0) the same model estimates the process's peak resident memory (what
+`peak_memory` reports: ru_maxrss): everything computes in fp32 there (dtype_bytes 4: LoRA weights
+at 4 B/param, no bf16 weight copies, activations twice the bf16 size), and the overhead is the
+process's measured resident memory before the model loads (interpreter, torch, transformers,
+peft and bitsandbytes imported, the tokenized data) instead of a CUDA context.
+
+DPO (objective dpo) trains on pairs: a micro-batch holds both answers of each pair, twice the
+tokens of an SFT micro-batch of the same batchSize. The reference costs no extra peak memory with
+an adapter (the adapter is switched off for a no_grad forward pass whose activations are freed
+before the policy's); full fine-tuning keeps precomputed reference log-probabilities, 8 bytes per
+pair, instead of a frozen copy of the model (which would cost 2 B/param in bf16).
+
 Checked against the measurements in shared/notes/gpu-measurements.md (Llama-2-7B, 4x512 tokens,
 H200): LoRA q,k,v,o measured 26.7 GB peak allocated / estimated 27.6 GB before slack; QLoRA with
 checkpointing 6.8 GB / 6.4 GB; QLoRA without 21.9 GB / 18.5 GB.
@@ -160,7 +172,7 @@ def _targets(shape: ModelShape, target_modules: Sequence[str]) -> dict[str, tupl
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU, by component, and what was assumed."""
+    """Bytes per GPU (or of the process, on CPU), by component, and what was assumed."""
 
     weights: int
     trainable_state: int
@@ -171,10 +183,18 @@ class MemoryEstimate:
     trainable_params: int
     gradient_checkpointing: bool
     basis: str
+    reference: int = 0  # DPO with full fine-tuning: the precomputed reference log-probabilities
 
     @property
     def per_gpu(self) -> int:
-        return self.weights + self.trainable_state + self.activations + self.logits + self.overhead
+        return (
+            self.weights
+            + self.trainable_state
+            + self.activations
+            + self.logits
+            + self.reference
+            + self.overhead
+        )
 
 
 def activation_bytes_per_token_layer(
@@ -201,20 +221,29 @@ def estimate_memory(
     target_modules: Sequence[str] = ("all-linear",),
     lora_dropout: float = 0.05,
     double_quant: bool = True,
+    dtype_bytes: int = 2,
+    overhead: int = CUDA_CONTEXT_BYTES,
+    overhead_label: str = "CUDA context",
+    dpo_pairs: int | None = None,
 ) -> MemoryEstimate:
-    """Peak GPU memory of one training process, by component (see the module docstring)."""
+    """Peak memory of one training process, by component (see the module docstring).
+
+    dtype_bytes: 2 for bf16/fp16 compute on a GPU, 4 for fp32 (CPU). overhead: the CUDA context,
+    or on CPU the process's resident memory before the model loads. dpo_pairs: objective dpo,
+    with this many training + validation pairs (micro-batches hold both answers of each pair).
+    """
     total = shape.total_params
-    tokens = batch_size * seq_length
+    tokens = batch_size * seq_length * (2 if dpo_pairs is not None else 1)
     if method == "full":
         trainable = total
         # fp32 master weights + the bf16 copies autocast caches during the forward pass.
-        weights = 4 * total + 2 * total
+        weights = 4 * total + (2 * total if dtype_bytes == 2 else 0)
         state = 12 * trainable
     else:
         trainable = lora_params(shape, lora_r, target_modules)
         state = 16 * trainable
         if method == "lora":
-            weights = 2 * total
+            weights = dtype_bytes * total
         else:
             # Quantization constants per weight: fp32 absmax per block, or (double quant)
             # 8-bit absmax plus one fp32 constant per DOUBLE_QUANT_BLOCK blocks.
@@ -225,11 +254,15 @@ def estimate_memory(
             quantized = shape.linear_params
             weights = math.ceil(quantized * (0.5 + constants)) + 4 * (total - quantized)
 
-    per_layer = activation_bytes_per_token_layer(
-        shape, method=method, target_modules=target_modules, lora_dropout=lora_dropout
+    scale = dtype_bytes / 2  # activations are counted in bf16 bytes
+    per_layer = round(
+        scale
+        * activation_bytes_per_token_layer(
+            shape, method=method, target_modules=target_modules, lora_dropout=lora_dropout
+        )
     )
     # Full fine-tuning keeps the residual stream in fp32 (the master weights' dtype).
-    residual = (4 if method == "full" else 2) * shape.hidden
+    residual = (4 if method == "full" else dtype_bytes) * shape.hidden
     if gradient_checkpointing:
         activations = tokens * (shape.layers * residual + per_layer)
     else:
@@ -239,21 +272,34 @@ def estimate_memory(
     def slack(n: int) -> int:
         return math.ceil(n * ALLOCATOR_SLACK)
 
+    reference = 8 * dpo_pairs if dpo_pairs is not None and method == "full" else 0
     estimate = MemoryEstimate(
         weights=slack(weights),
         trainable_state=slack(state),
         activations=slack(activations),
         logits=slack(logits),
-        overhead=CUDA_CONTEXT_BYTES,
+        overhead=overhead,
         total_params=total,
         trainable_params=trainable,
         gradient_checkpointing=gradient_checkpointing,
         basis="",
+        reference=reference,
     )
-    return replace(estimate, basis=_basis(estimate, method, batch_size, seq_length))
+    basis = _basis(
+        estimate,
+        method,
+        batch_size,
+        seq_length,
+        dtype_bytes=dtype_bytes,
+        overhead_label=overhead_label,
+        dpo=dpo_pairs is not None,
+    )
+    return replace(estimate, basis=basis)
 
 
 def _gb(n: int) -> str:
+    if 0 < n < 100e6:  # tiny (CPU test) models: a figure that is not 0.0
+        return f"{n / 1e6:.1f} MB"
     return f"{n / 1e9:.1f} GB"
 
 
@@ -265,17 +311,36 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _basis(e: MemoryEstimate, method: Method, batch_size: int, seq_length: int) -> str:
-    dtype = {"lora": "bf16 weights", "qlora": "4-bit weights", "full": "fp32 master weights"}[
-        method
-    ]
+def _basis(
+    e: MemoryEstimate,
+    method: Method,
+    batch_size: int,
+    seq_length: int,
+    *,
+    dtype_bytes: int = 2,
+    overhead_label: str = "CUDA context",
+    dpo: bool = False,
+) -> str:
+    lora_dtype = "bf16 weights" if dtype_bytes == 2 else "fp32 weights"
+    dtype = {"lora": lora_dtype, "qlora": "4-bit weights", "full": "fp32 master weights"}[method]
     ckpt = "on" if e.gradient_checkpointing else "off"
+    shape = f"micro-batch {batch_size}x{seq_length} tokens"
+    if dpo:
+        shape = f"dpo, micro-batch {batch_size}x{seq_length} tokens x 2 answers"
+    reference = ""
+    if dpo:
+        reference = (
+            f" + reference log-probs {_gb(e.reference)}"
+            if method == "full"
+            else " + reference (adapter off) 0 GB"
+        )
+    where = "per GPU" if overhead_label == "CUDA context" else "in the process"
     return (
         f"{method}: {_count(e.total_params)} params ({_count(e.trainable_params)} "
-        f"trainable), {dtype}, micro-batch {batch_size}x{seq_length} tokens, gradient "
+        f"trainable), {dtype}, {shape}, gradient "
         f"checkpointing {ckpt}: weights {_gb(e.weights)} + optimizer/grads "
         f"{_gb(e.trainable_state)} + activations {_gb(e.activations)} + logits "
-        f"{_gb(e.logits)} + CUDA context {_gb(e.overhead)} per GPU"
+        f"{_gb(e.logits)}{reference} + {overhead_label} {_gb(e.overhead)} {where}"
     )
 
 

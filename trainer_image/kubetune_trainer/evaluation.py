@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 
 from kubetune_trainer.data.packing import batch_rows, collate_packed, collate_padded, pack_rows
-from kubetune_trainer.data.records import Record, RecordFormat
+from kubetune_trainer.data.preference import pair_text
+from kubetune_trainer.data.records import PREFERENCE_FORMATS, Record, RecordFormat
 from kubetune_trainer.data.templates import (
     CHATML_END,
     CHATML_START,
@@ -140,8 +141,15 @@ def _plain_prompt_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int
 def record_prompt(
     record: Record, fmt: RecordFormat, tokenizer: PreTrainedTokenizerBase
 ) -> Prompt | None:
-    """The prompt and reference answer of a validation record; None for text records."""
+    """The prompt and reference answer of a validation record; None for text records. For
+    preference pairs the chosen answer is the reference."""
     data = record.data
+    if fmt in PREFERENCE_FORMATS:
+        pair = pair_text(data, fmt)
+        if isinstance(pair.prompt, list):
+            shown = pair.prompt[-1]["content"]
+            return Prompt(shown, _chat_prompt_ids(pair.prompt, tokenizer), pair.chosen.strip())
+        return Prompt(pair.prompt, _plain_prompt_ids(pair.prompt, tokenizer), pair.chosen.strip())
     if fmt == "chat":
         messages = list(data["messages"])
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -249,9 +257,15 @@ class ModelEval:
     tokens: int = 0
     sample_answers: list[str] = field(default_factory=list)
     prompt_answers: list[str] = field(default_factory=list)
+    # objective dpo: [chosen, rejected] log-probabilities of each held-out pair, and the scores
+    # against the reference (dpo.PreferenceEval as a dict); `loss` is then the DPO loss.
+    pair_logps: list[list[float]] | None = None
+    preference: dict[str, float] | None = None
 
     @property
     def perplexity(self) -> float | None:
+        if self.pair_logps is not None:  # exp(DPO loss) is no perplexity
+            return None
         return None if self.loss is None else perplexity(self.loss)
 
 
@@ -261,6 +275,10 @@ class Scores:
     perplexity: float | None = None
     rouge_l: float | None = None
     bleu: float | None = None
+    # objective dpo, on the held-out pairs (dpo.PreferenceEval)
+    preference_accuracy: float | None = None
+    reward_accuracy: float | None = None
+    reward_margin: float | None = None
 
 
 @dataclass
@@ -302,6 +320,14 @@ class EvalReport:
             f"| ROUGE-L F1 | {num(self.base.rouge_l)} | {num(self.fine_tuned.rouge_l)} |",
             f"| BLEU | {num(self.base.bleu, 2)} | {num(self.fine_tuned.bleu, 2)} |",
         ]
+        if self.fine_tuned.preference_accuracy is not None:
+            lines[-4] = f"| DPO loss | {num(self.base.loss)} | {num(self.fine_tuned.loss)} |"
+            lines += [
+                f"| preference accuracy | {num(self.base.preference_accuracy, 3)} "
+                f"| {num(self.fine_tuned.preference_accuracy, 3)} |",
+                f"| reward accuracy | — | {num(self.fine_tuned.reward_accuracy, 3)} |",
+                f"| reward margin | — | {num(self.fine_tuned.reward_margin)} |",
+            ]
         if self.samples:
             lines += [
                 "",
@@ -389,7 +415,12 @@ def build_report(
     def scores(model: ModelEval, key: str) -> Scores:
         refs = [p.reference or "" for p in samples]
         answers = model.sample_answers
+        pref = model.preference or {}
+        dpo_only = key == "fine_tuned"  # the base model is the reference: no reward of its own
         return Scores(
+            preference_accuracy=pref.get("preference_accuracy"),
+            reward_accuracy=pref.get("reward_accuracy") if dpo_only else None,
+            reward_margin=pref.get("reward_margin") if dpo_only else None,
             loss=model.loss if "loss" in metrics else None,
             perplexity=model.perplexity if "perplexity" in metrics else None,
             rouge_l=sum(r.rouge_l[key] for r in rows if r.rouge_l) / len(rows)

@@ -4,7 +4,9 @@
   them), so the optimizer state is fp32.
 * qlora: the base model quantized to 4 bits by bitsandbytes (nf4/fp4, optional double quant)
   with the spec's compute dtype, then prepare_model_for_kbit_training (fp32 norms/embeddings,
-  frozen base) and the same adapters. CUDA only.
+  frozen base) and the same adapters. On a GPU or on the CPU: bitsandbytes (>= 0.48) quantizes
+  and trains Linear4bit layers on the CPU with its torch implementation; there, like every CPU
+  run, the dequantized weights compute in fp32 (quantization.computeDtype is for GPUs).
 * full: every weight trained in fp32 ("master weights") under bf16 autocast.
 
 Attention is SDPA, which takes the packed batches' 4D block-diagonal bool mask; a model without
@@ -59,13 +61,9 @@ class Precision:
 
 
 def choose_precision(spec: FineTuneSpec, device: torch.device) -> Precision:
-    """bf16 autocast where the GPU supports it (fp16 + loss scaling on older GPUs); fp32 on CPU."""
+    """bf16 autocast where the GPU supports it (fp16 + loss scaling on older GPUs); fp32 on CPU
+    (qlora too: 4-bit weights dequantized to fp32)."""
     if device.type != "cuda":
-        if spec.method == "qlora":
-            raise ConfigError(
-                "method qlora needs a CUDA GPU (bitsandbytes 4-bit), but none is visible to the "
-                "trainer: request resources.gpus >= 1 on a GPU node, or use method lora"
-            )
         return Precision(device, torch.float32, None, grad_scaler=False)
     bf16 = torch.cuda.is_bf16_supported()
     compute = torch.bfloat16 if bf16 else torch.float16
@@ -116,7 +114,7 @@ def _bnb_config(spec: FineTuneSpec, precision: Precision) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=precision.compute_dtype,
+        bnb_4bit_compute_dtype=precision.compute_dtype or torch.float32,
     )
 
 
@@ -133,6 +131,8 @@ def load_base_model(model_dir: Path, spec: FineTuneSpec, precision: Precision) -
         kwargs["device_map"] = {"": precision.device}
     if spec.method == "qlora":
         kwargs["quantization_config"] = _bnb_config(spec, precision)
+        # bitsandbytes quantizes while placing the weights: it needs a device map on CPU too.
+        kwargs["device_map"] = {"": precision.device}
     try:
         try:
             model = AutoModelForCausalLM.from_pretrained(

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from kubetune_trainer import dpo
 from kubetune_trainer import estimate as mem
 from kubetune_trainer.api import (
     MemoryEstimate,
@@ -57,9 +58,11 @@ from kubetune_trainer.checkpoint import (
     CheckpointPolicy,
     TrainerState,
     data_fingerprint,
+    load_reference,
     load_training_state,
     read_state,
     restore_rng,
+    save_reference,
     save_training_state,
     spec_differences,
     spec_hash,
@@ -77,7 +80,16 @@ from kubetune_trainer.data import (
     split_train_validation,
     tokenize_records,
 )
-from kubetune_trainer.data.records import RecordFormat
+from kubetune_trainer.data.preference import (
+    PAIR_ROW_FACTOR,
+    PairBatch,
+    TokenizedPairs,
+    collate_pairs,
+    pair_text,
+    tokenize_pairs,
+)
+from kubetune_trainer.data.records import PREFERENCE_FORMATS, RecordFormat
+from kubetune_trainer.data.tokenize import Example, TokenizedDataset
 from kubetune_trainer.errors import ConfigError, ModelError, Preempted
 from kubetune_trainer.evaluation import (
     REPORT_JSON,
@@ -144,6 +156,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def current_rss() -> int:
+    """The process's resident memory now, in bytes (Linux /proc; the peak where unavailable)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, label): peak GPU allocation, or the process's peak RSS on CPU."""
     if device.type == "cuda":
@@ -155,6 +176,16 @@ def status_loss(loss: float) -> float:
     """A loss as the status shows it (the Loss printer column): 4 decimals; metrics.json keeps
     every loss at full precision."""
     return round(loss, 4)
+
+
+def _status_rewards(metrics: dpo.DpoMetrics) -> dict[str, float]:
+    """DPO training metrics as status fields (4 decimals, like the loss)."""
+    return {
+        "reward_chosen": round(metrics.reward_chosen, 4),
+        "reward_rejected": round(metrics.reward_rejected, 4),
+        "reward_margin": round(metrics.reward_margin, 4),
+        "reward_accuracy": round(metrics.reward_accuracy, 4),
+    }
 
 
 def train_step(
@@ -171,6 +202,7 @@ def train_step(
     params: Sequence[torch.nn.Parameter],
     no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
     trained_logits_only: bool = False,
+    loss_fn: Callable[[torch.nn.Module, Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One optimizer step over this process's micro-batches; (summed loss, real tokens).
 
@@ -182,6 +214,9 @@ def train_step(
     one attention mask exists at once. `no_sync` (DDP) skips the gradient all-reduce on every
     micro-batch but the last. `trained_logits_only`: the output head runs only at trained
     positions (modeling.causal_lm_loss; the same loss and gradients, less compute and memory).
+
+    `loss_fn(model, batch, divisor)` replaces the token cross-entropy (objective dpo: dpo.DpoLoss,
+    with `collate` giving PairBatch and `step_tokens` the step's number of pairs).
     """
     device = precision.device
     divisor = torch.tensor(step_tokens / world_size, device=device)
@@ -193,9 +228,12 @@ def train_step(
         sync = no_sync() if no_sync is not None and world_size > 1 and not last else nullcontext()
         with sync:
             with precision.autocast():
-                loss = causal_lm_loss(
-                    model, batch, divisor, trained_logits_only=trained_logits_only
-                )
+                if loss_fn is not None:
+                    loss = loss_fn(model, batch, divisor)
+                else:
+                    loss = causal_lm_loss(
+                        model, batch, divisor, trained_logits_only=trained_logits_only
+                    )
             torch.autograd.backward(scaler.scale(loss))
         loss_sum += loss.detach().float()
         tokens += batch.num_tokens
@@ -209,7 +247,7 @@ def train_step(
 
 
 class FineTuneRecipe:
-    """LoRA / QLoRA / full fine-tuning of a causal LM from object storage."""
+    """LoRA / QLoRA / full fine-tuning (SFT or DPO) of a causal LM from object storage."""
 
     def __init__(
         self,
@@ -232,7 +270,6 @@ class FineTuneRecipe:
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
-        # Raises ConfigError for qlora without CUDA, before anything is downloaded.
         self.precision = choose_precision(self.spec, self.device)
         gpus = self.spec.resources.gpus
         if gpus > 1 and self.world_size == 1:
@@ -250,11 +287,18 @@ class FineTuneRecipe:
         # hyperparameters.packing, unless the model turns out not to keep packed sequences
         # apart (_setup_model); training and evaluation follow this.
         self.packing = self.spec.hyperparameters.packing
+        # objective dpo: pairs instead of examples (data/preference.py, dpo.py).
+        self.dpo = self.spec.objective == "dpo"
+        self.dpo_loss: dpo.DpoLoss | None = None
+        # Full fine-tuning with DPO: reference log-probabilities [pairs, 2], computed before the
+        # first step (or restored from the checkpoint), for the training and validation pairs.
+        self.reference_logps: dict[str, torch.Tensor] = {}
+        self._window_dpo: list[list[float]] = []  # the window's per-step DPO sums
         self.eval_report: EvalReport | None = None
         self.memory_estimate: mem.MemoryEstimate | None = None
         self._resume_rng: dict[str, Any] | None = None
         self._window_losses: list[float] = []
-        self._pending_losses: list[tuple[int, torch.Tensor, float]] = []
+        self._pending_losses: list[tuple[int, torch.Tensor, float, torch.Tensor | None]] = []
         # Observers for benchmarks and tests (unset in jobs): called with each optimizer step's
         # planned micro-batches just before it runs, and once after the last step (before the
         # final checkpoint).
@@ -332,6 +376,20 @@ class FineTuneRecipe:
             train, validation = split_train_validation(train, ds.validation_split, seed=seed)
         else:
             validation = []
+        preference = self.format in PREFERENCE_FORMATS
+        if preference != self.dpo:
+            raise DatasetError(
+                f"{ds.train_uri}: objective {self.spec.objective} trains on "
+                + (
+                    "preference pairs (formats preference, prompt-chosen-rejected)"
+                    if self.dpo
+                    else "chat, instruction, prompt-completion or text records"
+                )
+                + f", but the records are in {self.format} format (detected from "
+                f"{train[0].location if train else 'the data'}): "
+                + ("set objective: dpo" if preference else "set objective: sft")
+                + " or use other data"
+            )
         self.train_records, self.validation_records = train, validation
         log.info(
             "data: %d training and %d validation records, format %s",
@@ -357,7 +415,70 @@ class FineTuneRecipe:
 
     def _setup_examples(self) -> None:
         self.reporter.report(stage="Preparing")
+        if self.dpo:
+            self._setup_pairs()
+        else:
+            self._setup_sft_examples()
+        # Prompts for the generation part of the evaluation: known before training, because
+        # full fine-tuning answers them with the base model before the first step.
+        ev = self.spec.evaluation
+        self.eval_samples: list[Prompt] = []
+        if ev.enabled and {"rougeL", "bleu"} & set(ev.metrics):
+            for record in self.validation_records:
+                if len(self.eval_samples) >= ev.sample_size:
+                    break
+                prompt = record_prompt(record, self.format, self.tokenizer)
+                if prompt is not None:
+                    self.eval_samples.append(prompt)
+        prompt_format = self.format
+        if self.dpo:  # extra prompts are wrapped like the pairs' prompts
+            chat = pair_text(self.train_records[0].data, self.format).chat
+            prompt_format = "chat" if chat else "prompt-completion"
+        self.eval_prompts = (
+            [extra_prompt(p, prompt_format, self.tokenizer) for p in ev.prompts]
+            if ev.enabled
+            else []
+        )
+
+    def _setup_pairs(self) -> None:
+        """objective dpo: preference pairs, never truncated (data/preference.py)."""
         max_len = self.spec.dataset.max_seq_length
+        self.train_pairs = tokenize_pairs(self.train_records, self.tokenizer, self.format, max_len)
+        self.validation_pairs = tokenize_pairs(
+            self.validation_records, self.tokenizer, self.format, max_len
+        )
+        self.train_examples = TokenizedDataset()
+        self.validation_examples = TokenizedDataset()
+        stats = self.train_pairs.stats
+        if not self.train_pairs:
+            raise DatasetError(
+                f"{self.spec.dataset.train_uri}: no preference pair fits maxSeqLength={max_len} "
+                f"(all {stats.too_long} have a prompt and answer longer): raise "
+                "dataset.maxSeqLength"
+            )
+        skipped = stats.too_long + self.validation_pairs.stats.too_long
+        log.log(
+            logging.WARNING if skipped else logging.INFO,
+            "tokenized: %d training pairs (%d tokens, %d trained), %d validation pairs, mean %.0f "
+            "/ max %d tokens per answer sequence; %d training and %d validation pairs skipped: "
+            "prompt + answer longer than maxSeqLength=%d (pairs are never truncated)",
+            stats.pairs,
+            stats.total_tokens,
+            stats.trained_tokens,
+            self.validation_pairs.stats.pairs,
+            stats.mean_length,
+            stats.max_length,
+            stats.too_long,
+            self.validation_pairs.stats.too_long,
+            max_len,
+        )
+        # Each pair weighs the same in the loss (mean over the step's pairs).
+        self._trained_tokens = [1] * len(self.train_pairs)
+
+    def _setup_sft_examples(self) -> None:
+        max_len = self.spec.dataset.max_seq_length
+        self.train_pairs = TokenizedPairs()
+        self.validation_pairs = TokenizedPairs()
         self.train_examples = tokenize_records(
             self.train_records, self.tokenizer, self.format, max_len
         )
@@ -383,26 +504,26 @@ class FineTuneRecipe:
             stats.dropped,
         )
         self._trained_tokens = [e.num_trained for e in self.train_examples]
-        # Prompts for the generation part of the evaluation: known before training, because
-        # full fine-tuning answers them with the base model before the first step.
-        ev = self.spec.evaluation
-        self.eval_samples: list[Prompt] = []
-        if ev.enabled and {"rougeL", "bleu"} & set(ev.metrics):
-            for record in self.validation_records:
-                if len(self.eval_samples) >= ev.sample_size:
-                    break
-                prompt = record_prompt(record, self.format, self.tokenizer)
-                if prompt is not None:
-                    self.eval_samples.append(prompt)
-        self.eval_prompts = (
-            [extra_prompt(p, self.format, self.tokenizer) for p in ev.prompts] if ev.enabled else []
-        )
+
+    @property
+    def _unit_lengths(self) -> list[int]:
+        """Tokens of each training unit: an example, or a pair (both sequences)."""
+        units = self.train_pairs if self.dpo else self.train_examples
+        return [len(u) for u in units]
+
+    def _sequences(self) -> list[Example]:
+        """Every training and validation sequence (both sides of each pair)."""
+        if not self.dpo:
+            return [*self.train_examples, *self.validation_examples]
+        pairs = [*self.train_pairs, *self.validation_pairs]
+        return [s for p in pairs for s in (p.chosen, p.rejected)]
 
     def _setup_plan(self) -> None:
         hp = self.spec.hyperparameters
+        row_factor = PAIR_ROW_FACTOR if self.dpo else 1
         self.plan = TrainingPlan(
-            lengths=[len(e) for e in self.train_examples],
-            max_seq_length=self.spec.dataset.max_seq_length,
+            lengths=self._unit_lengths,
+            max_seq_length=self.spec.dataset.max_seq_length * row_factor,
             batch_size=hp.batch_size,
             gradient_accumulation_steps=hp.gradient_accumulation_steps,
             seed=hp.seed,
@@ -413,7 +534,8 @@ class FineTuneRecipe:
         )
         rows = self.plan.epoch_batches(0)
         flat = [row for batch in rows for row in batch]
-        efficiency = packing_efficiency(flat, [len(e) for e in self.train_examples])
+        efficiency = packing_efficiency(flat, self._unit_lengths)
+        unit = "pairs" if self.dpo else "examples"
         log.info(
             "plan: %d optimizer steps (%d per epoch), %d micro-batches of up to %d %s x %d "
             "tokens per epoch, %d accumulated per step x %d process(es); row fill %.0f%%",
@@ -421,15 +543,16 @@ class FineTuneRecipe:
             self.plan.steps_per_epoch,
             len(rows),
             hp.batch_size,
-            "packed rows" if self.packing else "examples",
-            self.spec.dataset.max_seq_length,
+            f"packed rows of {unit}" if self.packing else unit,
+            self.spec.dataset.max_seq_length * row_factor,
             hp.gradient_accumulation_steps,
             self.world_size,
             100 * efficiency,
         )
 
     def _setup_estimate(self) -> None:
-        """Estimate GPU memory from config.json and decide on gradient checkpointing."""
+        """Estimate GPU memory (host memory on CPU) from config.json and decide on gradient
+        checkpointing."""
         spec, hp = self.spec, self.spec.hyperparameters
         try:
             shape = mem.ModelShape.from_config(self.model_config)
@@ -441,7 +564,8 @@ class FineTuneRecipe:
             return
         seq = self.spec.dataset.max_seq_length
         if not self.packing:
-            seq = min(seq, self.train_examples.stats.max_length)
+            longest = (self.train_pairs if self.dpo else self.train_examples).stats.max_length
+            seq = min(seq, longest)
         kwargs: dict[str, Any] = {
             "method": spec.method,
             "batch_size": hp.batch_size,
@@ -450,7 +574,20 @@ class FineTuneRecipe:
             "target_modules": spec.lora.target_modules,
             "lora_dropout": spec.lora.dropout,
             "double_quant": spec.quantization.double_quant,
+            "dpo_pairs": len(self.train_pairs) + len(self.validation_pairs) if self.dpo else None,
         }
+        if self.device.type != "cuda":
+            # The process's peak resident memory: fp32 everywhere, and what the process holds
+            # before the model loads (with the libraries loading it already imported).
+            import peft  # noqa: F401, PLC0415
+
+            if spec.method == "qlora":
+                import bitsandbytes  # noqa: F401, PLC0415
+            kwargs.update(
+                dtype_bytes=4,
+                overhead=current_rss(),
+                overhead_label="process before loading the model",
+            )
         gpu_bytes = (
             int(torch.cuda.get_device_properties(self.device).total_memory)
             if self.device.type == "cuda"
@@ -469,7 +606,8 @@ class FineTuneRecipe:
             else without
         )
         self.memory_estimate = estimate
-        log.info("memory estimate: %.1f GB per GPU (%s)", estimate.per_gpu / 1e9, estimate.basis)
+        where = "per GPU" if gpu_bytes is not None else "for the process"
+        log.info("memory estimate: %.2f GB %s (%s)", estimate.per_gpu / 1e9, where, estimate.basis)
         if gpu_bytes is not None and estimate.per_gpu > gpu_bytes:
             log.warning(
                 "the estimate (%.1f GB) exceeds this GPU's %.1f GB: expect an out-of-memory error",
@@ -493,7 +631,8 @@ class FineTuneRecipe:
             "on" if self.gradient_checkpointing else "off",
         )
         base = load_base_model(self.model_dir, self.spec, self.precision)
-        max_id = max(max(e.input_ids) for e in [*self.train_examples, *self.validation_examples])
+        sequences = self._sequences()
+        max_id = max(max(e.input_ids) for e in sequences)
         check_vocabulary(base, max_id)
         model = prepare_for_training(
             base, self.spec, gradient_checkpointing=self.gradient_checkpointing
@@ -505,7 +644,7 @@ class FineTuneRecipe:
         if self.packing and not self._all_processes_agree(
             packing_keeps_sequences_apart(
                 model,
-                self.train_examples,
+                sequences,
                 int(self.tokenizer.pad_token_id),
                 self.mask_dtype,
                 self.precision,
@@ -526,6 +665,28 @@ class FineTuneRecipe:
         # 4-bit models are placed by from_pretrained(device_map=...) and must not be moved.
         self.model = self.accelerator.prepare_model(
             model, device_placement=self.spec.method != "qlora"
+        )
+        if self.dpo:
+            self._setup_dpo()
+
+    def _setup_dpo(self) -> None:
+        """The DPO loss and its reference: the adapter switched off (lora, qlora), or the
+        log-probabilities precomputed before the first step (full; dpo.py)."""
+        reference: dpo.ReferenceFn
+        if self.spec.method == "full":
+
+            def reference(pairs: PairBatch) -> torch.Tensor:
+                return dpo.table_reference(self.reference_logps["train"])(pairs)
+
+        else:
+            reference = dpo.adapter_off_reference(
+                self.unwrapped, self.precision, trained_logits_only=self.trained_logits_only
+            )
+        self.dpo_loss = dpo.DpoLoss(
+            beta=self.spec.dpo.beta,
+            label_smoothing=self.spec.dpo.label_smoothing,
+            trained_logits_only=self.trained_logits_only,
+            reference=reference,
         )
 
     def _all_processes_agree(self, verdict: bool) -> bool:
@@ -570,7 +731,11 @@ class FineTuneRecipe:
             batch_index=0,
             spec_hash=spec_hash(current),
             training_spec=current,
-            data_fingerprint=data_fingerprint(self.train_examples),
+            data_fingerprint=data_fingerprint(
+                [s for p in self.train_pairs for s in (p.chosen, p.rejected)]
+                if self.dpo
+                else self.train_examples
+            ),
         )
         found = self._verified_checkpoint()
         if found is None:
@@ -601,6 +766,12 @@ class FineTuneRecipe:
                 scaler=self.scaler,
                 device=self.device,
             )
+            if self.dpo and self.spec.method == "full":
+                # The base weights are gone: the reference comes back with the checkpoint.
+                reference = load_reference(local)
+                if reference is None or set(reference) != {"train", "validation"}:
+                    raise ValueError("the checkpoint has no DPO reference log-probabilities")
+                self.reference_logps = reference
         except (ModelError, RuntimeError, KeyError, ValueError) as exc:
             why = f" (spec differences: {'; '.join(differences)})" if differences else ""
             raise ConfigError(
@@ -645,7 +816,39 @@ class FineTuneRecipe:
 
     # ------------------------------------------------------------------------------ train
 
+    def _pair_logps(self, model: torch.nn.Module, pairs: TokenizedPairs) -> torch.Tensor:
+        """[pairs, 2] log-probabilities of the answers under `model` (eval mode, batched like
+        training)."""
+        return dpo.pair_logps(
+            model,
+            pairs,
+            rows_per_batch=self.spec.hyperparameters.batch_size,
+            max_seq_length=self.spec.dataset.max_seq_length,
+            pad_token_id=int(self.tokenizer.pad_token_id),
+            precision=self.precision,
+            mask_dtype=self.mask_dtype,
+            trained_logits_only=self.trained_logits_only,
+            packing=self.packing,
+        )
+
+    def _precompute_reference(self) -> None:
+        """DPO + full: the base model's log-probabilities of every pair, before they change."""
+        started = time.monotonic()
+        self.reference_logps = {
+            "train": self._pair_logps(self.unwrapped, self.train_pairs),
+            "validation": self._pair_logps(self.unwrapped, self.validation_pairs),
+        }
+        log.info(
+            "reference log-probabilities of %d training and %d validation pairs computed in "
+            "%.1fs (the base model is the DPO reference; full fine-tuning changes its weights)",
+            len(self.train_pairs),
+            len(self.validation_pairs),
+            time.monotonic() - started,
+        )
+
     def train(self) -> None:
+        if self.dpo and self.spec.method == "full" and not self.reference_logps:
+            self._precompute_reference()
         if (
             self.spec.method == "full"
             and self.spec.evaluation.enabled
@@ -697,12 +900,12 @@ class FineTuneRecipe:
             lr = float(self.scheduler.get_last_lr()[0])
             if self.before_step is not None:
                 self.before_step(planned)
-            loss, tokens = self._train_step(planned)
+            loss, tokens, dpo_sums = self._train_step(planned)
             state.step = index + 1
             state.epoch, state.batch_index = planned.next_position
             state.tokens_seen += tokens
             window.add(tokens)
-            self._pending_losses.append((state.step, loss, lr))
+            self._pending_losses.append((state.step, loss, lr, dpo_sums))
             done = state.step == total
             if state.step % every == 0 or done or time.monotonic() - last_log >= LOG_INTERVAL_S:
                 self._log_progress(window, lr)
@@ -728,6 +931,15 @@ class FineTuneRecipe:
         # straight there instead of training again.
         self.save_checkpoint()
 
+    def _collate_pairs(self, batch: MicroBatch) -> PairBatch:
+        return collate_pairs(
+            batch,
+            self.train_pairs,
+            int(self.tokenizer.pad_token_id),
+            packing=self.packing,
+            mask_dtype=self.mask_dtype,
+        )
+
     def _collate(self, batch: MicroBatch) -> Batch:
         examples = self.train_examples
         pad = int(self.tokenizer.pad_token_id)
@@ -736,13 +948,17 @@ class FineTuneRecipe:
             return collate_packed(rows, pad, mask_dtype=self.mask_dtype)
         return collate_padded([examples[row[0]] for row in batch], pad)
 
-    def _train_step(self, planned: StepBatches) -> tuple[torch.Tensor, int]:
-        """One optimizer step over this process's share of the step's micro-batches."""
+    def _train_step(self, planned: StepBatches) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """One optimizer step over this process's share of the step's micro-batches; (loss,
+        tokens, the step's DPO sums over all processes or None)."""
         step_tokens = sum(self._trained_tokens[i] for b in planned.batches for r in b for i in r)
+        collate: Callable[[MicroBatch], Any] = (
+            self._collate_pairs if self.dpo_loss is not None else self._collate
+        )
         loss, tokens = train_step(
             self.model,
             planned.batches[self.rank :: self.world_size],
-            self._collate,
+            collate,
             step_tokens=step_tokens,
             world_size=self.world_size,
             precision=self.precision,
@@ -752,19 +968,36 @@ class FineTuneRecipe:
             params=self.trainable,
             no_sync=lambda: self.accelerator.no_sync(self.model),
             trained_logits_only=self.trained_logits_only,
+            loss_fn=self.dpo_loss,
         )
+        sums = None if self.dpo_loss is None else self.dpo_loss.take_step()
         if self.world_size > 1:
             loss = self.accelerator.reduce(loss, reduction="sum") / self.world_size
             tokens = int(self.accelerator.reduce(torch.tensor(tokens, device=self.device)).item())
-        return loss, tokens
+            if sums is not None:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+        return loss, tokens, sums
 
     def _drain_losses(self) -> None:
         """Move the per-step loss tensors to the history (one host sync for many steps)."""
-        for step, loss, lr in self._pending_losses:
+        for step, loss, lr, dpo_sums in self._pending_losses:
             value = float(loss.item())
-            self.state.loss_history.append({"step": step, "loss": value, "lr": lr})
+            entry: dict[str, float] = {"step": step, "loss": value, "lr": lr}
+            if dpo_sums is not None:
+                sums = [float(x) for x in dpo_sums.tolist()]
+                self._window_dpo.append(sums)
+                metrics = dpo.DpoMetrics.from_sums(sums).as_dict()
+                entry.update({k: v for k, v in metrics.items() if k != "loss"})
+            self.state.loss_history.append(entry)
             self._window_losses.append(value)
         self._pending_losses.clear()
+
+    def _window_dpo_metrics(self) -> dpo.DpoMetrics | None:
+        """The DPO means over the logging window's pairs (None for SFT)."""
+        if not self._window_dpo:
+            return None
+        window, self._window_dpo = self._window_dpo, []
+        return dpo.DpoMetrics.from_sums([sum(col) for col in zip(*window, strict=True)])
 
     def _log_progress(self, window: ThroughputWindow, lr: float) -> None:
         self._drain_losses()
@@ -783,8 +1016,16 @@ class FineTuneRecipe:
             memory_bytes=memory,
             memory_label=label,
         )
+        window_dpo = self._window_dpo_metrics()
         if self.is_main:
-            log.info("%s", snapshot.line())
+            line = snapshot.line()
+            if window_dpo is not None:
+                line += (
+                    f" | rewards chosen {window_dpo.reward_chosen:.3f} rejected "
+                    f"{window_dpo.reward_rejected:.3f} margin {window_dpo.reward_margin:.3f} "
+                    f"accuracy {window_dpo.reward_accuracy:.2f}"
+                )
+            log.info("%s", line)
         self.reporter.report(
             progress=snapshot.progress(),
             metrics=TrainingMetrics(
@@ -792,6 +1033,7 @@ class FineTuneRecipe:
                 learning_rate=lr,
                 tokens_per_second=round(rate, 1),
                 peak_gpu_memory_bytes=memory if self.device.type == "cuda" else None,
+                **({} if window_dpo is None else _status_rewards(window_dpo)),
             ),
         )
         self.training_log.train(
@@ -802,6 +1044,7 @@ class FineTuneRecipe:
             learning_rate=lr,
             tokens_per_second=rate,
             tokens_seen=state.tokens_seen,
+            rewards=None if window_dpo is None else _status_rewards(window_dpo),
         )
 
     # ------------------------------------------------------------------------- checkpoint
@@ -816,6 +1059,8 @@ class FineTuneRecipe:
             local = self.work_dir / "checkpoints" / f"step-{step}"
             shutil.rmtree(local, ignore_errors=True)
             save_trainable(self.unwrapped, local, self.spec.method)
+            if self.reference_logps:
+                save_reference(local, self.reference_logps)
             save_training_state(
                 local,
                 state=self.state,
@@ -844,6 +1089,9 @@ class FineTuneRecipe:
     def _evaluate_model(self, model: torch.nn.Module) -> ModelEval:
         ev, ds = self.spec.evaluation, self.spec.dataset
         result = ModelEval()
+        if self.validation_pairs:
+            result.pair_logps = self._pair_logps(model, self.validation_pairs).tolist()
+            result.tokens = self.validation_pairs.stats.trained_tokens
         if self.validation_examples and {"loss", "perplexity"} & set(ev.metrics):
             result.loss, result.tokens = validation_loss(
                 model,
@@ -884,6 +1132,8 @@ class FineTuneRecipe:
         else:
             with model.disable_adapter():  # type: ignore[operator]
                 base = self._evaluate_model(model)
+        if tuned.pair_logps is not None:
+            self._score_pairs(base, tuned)
         report = build_report(
             samples=self.eval_samples,
             extra=self.eval_prompts,
@@ -906,6 +1156,22 @@ class FineTuneRecipe:
                 for v in pair
             ),
         )
+        preference: dict[str, Any] = {}
+        if report.fine_tuned.preference_accuracy is not None:
+            preference = {
+                "preference_accuracy": report.fine_tuned.preference_accuracy,
+                "base_preference_accuracy": report.base.preference_accuracy,
+                "eval_reward_accuracy": report.fine_tuned.reward_accuracy,
+            }
+            log.info(
+                "evaluation: preference accuracy %.3f -> %.3f on %d held-out pairs (base -> "
+                "fine-tuned), reward accuracy %.3f, reward margin %.4f",
+                report.base.preference_accuracy,
+                report.fine_tuned.preference_accuracy,
+                len(self.validation_pairs),
+                report.fine_tuned.reward_accuracy,
+                report.fine_tuned.reward_margin,
+            )
         self.reporter.report(
             metrics=TrainingMetrics(
                 eval_loss=report.fine_tuned.loss,
@@ -914,6 +1180,8 @@ class FineTuneRecipe:
                 base_perplexity=report.base.perplexity,
                 rouge_l=report.fine_tuned.rouge_l,
                 bleu=report.fine_tuned.bleu,
+                eval_reward_margin=report.fine_tuned.reward_margin,
+                **preference,
             ),
             urgent=True,
         )
@@ -923,8 +1191,23 @@ class FineTuneRecipe:
             perplexity=report.fine_tuned.perplexity,
             base_eval_loss=report.base.loss,
             base_perplexity=report.base.perplexity,
+            preference=preference or None,
         )
         return report
+
+    def _score_pairs(self, base: ModelEval, tuned: ModelEval) -> None:
+        """DPO scores of both models on the held-out pairs, against the reference: the base
+        model (the adapter off, or the log-probabilities precomputed before training)."""
+        if self.spec.method == "full" and "validation" in self.reference_logps:
+            reference = self.reference_logps["validation"]
+        else:
+            reference = torch.tensor(base.pair_logps)
+        beta, smoothing = self.spec.dpo.beta, self.spec.dpo.label_smoothing
+        for model, logps in ((base, reference), (tuned, torch.tensor(tuned.pair_logps))):
+            scores = dpo.preference_eval(logps, reference, beta=beta, label_smoothing=smoothing)
+            model.preference = {**asdict(scores), "reward_margin": scores.reward_margin}
+            if "loss" in self.spec.evaluation.metrics:
+                model.loss = scores.loss
 
     # ---------------------------------------------------------------------------- publish
 
@@ -933,8 +1216,20 @@ class FineTuneRecipe:
         history = state.loss_history
         tail = [h["loss"] for h in history[-max(1, log_every(self.plan.total_steps)) :]]
         memory, label = peak_memory(self.device)
+        train_stats = (self.train_pairs if self.dpo else self.train_examples).stats
+        validation_stats = (self.validation_pairs if self.dpo else self.validation_examples).stats
         return {
             "method": self.spec.method,
+            "objective": self.spec.objective,
+            "dpo": {
+                "beta": self.spec.dpo.beta,
+                "label_smoothing": self.spec.dpo.label_smoothing,
+                "reference": "precomputed log-probabilities"
+                if self.spec.method == "full"
+                else "base model (adapter off)",
+            }
+            if self.dpo
+            else None,
             "steps": state.step,
             "total_steps": self.plan.total_steps,
             "epochs": self.plan.epoch_progress(state.step),
@@ -951,8 +1246,8 @@ class FineTuneRecipe:
             "parameters": {"trainable": self.trainable_params, "total": self.total_params},
             "data": {
                 "format": self.format,
-                "train": self.train_examples.stats.as_dict(),
-                "validation": self.validation_examples.stats.as_dict(),
+                "train": train_stats.as_dict(),
+                "validation": validation_stats.as_dict(),
             },
             "gradient_checkpointing": self.gradient_checkpointing,
             "packing": self.packing,

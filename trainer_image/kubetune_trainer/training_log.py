@@ -3,7 +3,9 @@
     <spec.output.uri>/.kubetune/metrics.jsonl
 
 One `train` record per progress report (step, epoch, training loss over the reporting window,
-learning rate, throughput, tokens so far) and one `eval` record after the final evaluation. The
+learning rate, throughput, tokens so far; with objective dpo also the window's mean rewards of
+the chosen and rejected answers, their margin and the reward accuracy) and one `eval` record
+after the final evaluation (with dpo: the held-out preference accuracy of both models). The
 FineTuneJob's status only holds the latest values; this object holds the history, which the
 OpenAI-compatible API server (kubetune_api) turns into `metrics` events and a results file.
 
@@ -21,7 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Annotated, Literal, Protocol
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -51,6 +54,12 @@ class TrainRecord(_Record):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     tokens_seen: int | None = Field(default=None, description="Tokens trained on so far.")
+    reward_chosen: float | None = Field(default=None, description="DPO: mean chosen reward.")
+    reward_rejected: float | None = Field(default=None, description="DPO: mean rejected reward.")
+    reward_margin: float | None = Field(default=None, description="DPO: mean reward margin.")
+    reward_accuracy: float | None = Field(
+        default=None, description="DPO: share of pairs whose chosen answer has the higher reward."
+    )
 
 
 class EvalRecord(_Record):
@@ -61,6 +70,15 @@ class EvalRecord(_Record):
     perplexity: float | None = None
     base_eval_loss: float | None = None
     base_perplexity: float | None = None
+    preference_accuracy: float | None = Field(
+        default=None, description="DPO: held-out pairs the fine-tuned model prefers correctly."
+    )
+    base_preference_accuracy: float | None = Field(
+        default=None, description="DPO: the same for the base model."
+    )
+    eval_reward_accuracy: float | None = Field(
+        default=None, description="DPO: held-out pairs whose chosen answer gained more reward."
+    )
 
 
 LogRecord = Annotated[TrainRecord | EvalRecord, Field(discriminator="type")]
@@ -144,7 +162,9 @@ class TrainingLog:
         learning_rate: float | None,
         tokens_per_second: float | None,
         tokens_seen: int | None,
+        rewards: Mapping[str, float] | None = None,
     ) -> None:
+        """`rewards` (DPO): reward_chosen, reward_rejected, reward_margin, reward_accuracy."""
         self.write(
             TrainRecord(
                 time=round(time.time(), 3),
@@ -155,6 +175,7 @@ class TrainingLog:
                 learning_rate=learning_rate,
                 tokens_per_second=None if tokens_per_second is None else round(tokens_per_second),
                 tokens_seen=tokens_seen,
+                **cast(dict[str, Any], dict(rewards or {})),
             )
         )
 
@@ -166,7 +187,10 @@ class TrainingLog:
         perplexity: float | None,
         base_eval_loss: float | None,
         base_perplexity: float | None,
+        preference: Mapping[str, float | None] | None = None,
     ) -> None:
+        """`preference` (DPO): preference_accuracy, base_preference_accuracy,
+        eval_reward_accuracy."""
         self.write(
             EvalRecord(
                 time=round(time.time(), 3),
@@ -175,5 +199,6 @@ class TrainingLog:
                 perplexity=perplexity,
                 base_eval_loss=base_eval_loss,
                 base_perplexity=base_perplexity,
+                **cast(dict[str, Any], dict(preference or {})),
             )
         )

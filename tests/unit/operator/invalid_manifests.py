@@ -42,10 +42,12 @@ FULL_MANIFEST: Manifest = {
             "trainUri": "pvc://datasets/support/train/",
             "validationUri": "s3://datasets/support/val.parquet",
             "validationSplit": 0,
-            "format": "chat",
+            "format": "preference",
             "maxSeqLength": 4096,
         },
         "method": "qlora",
+        "objective": "dpo",
+        "dpo": {"beta": 0.25, "labelSmoothing": 0.1},
         "lora": {"r": 32, "alpha": 64, "dropout": 0.1, "targetModules": ["q_proj", "v_proj"]},
         "quantization": {
             "bits": 4,
@@ -263,9 +265,29 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "spec.quantization.bits: Unsupported value",
     ),
     _case(
-        "qlora-on-cpu",
-        {"method": "qlora", "resources": {"gpus": 0}},
-        "resources.gpus must be at least 1 for method qlora",
+        "dpo-on-sft-format",
+        {"objective": "dpo", "dataset": {"format": "chat"}},
+        "dataset.format must be a preference format",
+    ),
+    _case(
+        "sft-on-preference-format",
+        {"dataset": {"format": "prompt-chosen-rejected"}},
+        "dataset.format must be a preference format",
+    ),
+    _case(
+        "objective-unknown",
+        {"objective": "ppo"},
+        "spec.objective: Unsupported value",
+    ),
+    _case(
+        "dpo-beta-zero",
+        {"objective": "dpo", "dpo": {"beta": 0}},
+        "spec.dpo.beta",
+    ),
+    _case(
+        "dpo-label-smoothing-half",
+        {"objective": "dpo", "dpo": {"labelSmoothing": 0.5}},
+        "spec.dpo.labelSmoothing",
     ),
     _case(
         "full-merge-adapter",

@@ -15,10 +15,22 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, get_args
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
 
-RecordFormat = Literal["chat", "instruction", "prompt-completion", "text"]
-FormatOption = Literal["auto", "chat", "instruction", "prompt-completion", "text"]
+RecordFormat = Literal[
+    "chat", "instruction", "prompt-completion", "text", "preference", "prompt-chosen-rejected"
+]
+FormatOption = Literal[
+    "auto",
+    "chat",
+    "instruction",
+    "prompt-completion",
+    "text",
+    "preference",
+    "prompt-chosen-rejected",
+]
 
 RECORD_FORMATS: Final[tuple[RecordFormat, ...]] = get_args(RecordFormat)
+# Pairs of a better and a worse answer to one prompt (objective dpo); the others are SFT formats.
+PREFERENCE_FORMATS: Final[frozenset[str]] = frozenset({"preference", "prompt-chosen-rejected"})
 CHAT_ROLES: Final[tuple[str, ...]] = ("system", "user", "assistant")
 DATA_SUFFIXES: Final[frozenset[str]] = frozenset({".jsonl", ".json", ".parquet"})
 MAX_REPORTED_ERRORS: Final = 5
@@ -192,29 +204,103 @@ def _check_string(data: Mapping[str, Any], key: str, *, non_empty: bool) -> str 
     return None
 
 
-def _check_chat(data: Mapping[str, Any]) -> str | None:
-    messages = data.get("messages")
+def _check_messages(messages: Any, name: str) -> str | None:
+    """A non-empty list of {role, content} messages (system first only)."""
     if messages is None:
-        return "messages is required"
+        return f"{name} is required"
     if not isinstance(messages, list):
-        return f"messages must be an array (got {_json_type(messages)})"
+        return f"{name} must be an array (got {_json_type(messages)})"
     if not messages:
-        return "messages must not be empty"
+        return f"{name} must not be empty"
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            return f"messages[{i}] must be an object (got {_json_type(message)})"
+            return f"{name}[{i}] must be an object (got {_json_type(message)})"
         role = message.get("role")
         if role not in CHAT_ROLES:
             got = json.dumps(role) if isinstance(role, str) else _json_type(role)
-            return f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)} (got {got})"
+            return f"{name}[{i}].role must be one of {', '.join(CHAT_ROLES)} (got {got})"
         if role == "system" and i != 0:
-            return f"messages[{i}].role system is only allowed as the first message"
+            return f"{name}[{i}].role system is only allowed as the first message"
         content = message.get("content")
         if not isinstance(content, str):
-            return f"messages[{i}].content must be a string (got {_json_type(content)})"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "messages must contain at least one assistant message"
+            return f"{name}[{i}].content must be a string (got {_json_type(content)})"
     return None
+
+
+def _check_chat(data: Mapping[str, Any]) -> str | None:
+    messages: Any = data.get("messages")
+    error = _check_messages(messages, "messages")
+    if error is None and not any(m["role"] == "assistant" for m in messages):
+        return "messages must contain at least one assistant message"
+    return error
+
+
+def _check_answer(value: Any, name: str) -> str | None:
+    """One assistant message with non-empty content, as a one-element list."""
+    error = _check_messages(value, name)
+    if error is not None:
+        return error
+    if len(value) != 1 or value[0]["role"] != "assistant":
+        return f"{name} must hold exactly one assistant message"
+    if not value[0]["content"].strip():
+        return f"{name}[0].content must not be empty"
+    return None
+
+
+def _answer_text(value: Any) -> str:
+    return str(value[0]["content"]) if isinstance(value, list) else str(value)
+
+
+def _check_distinct(data: Mapping[str, Any], chosen: str, rejected: str) -> str | None:
+    if _answer_text(data[chosen]).strip() == _answer_text(data[rejected]).strip():
+        return (
+            f"{chosen} and {rejected} are the same answer: a pair must say which of two "
+            "different answers is better"
+        )
+    return None
+
+
+def _check_preference(data: Mapping[str, Any]) -> str | None:
+    """The hosted fine-tuning API's preference layout."""
+    given = data.get("input")
+    if given is None:
+        return "input is required"
+    if not isinstance(given, dict):
+        return f"input must be an object (got {_json_type(given)})"
+    messages: Any = given.get("messages")
+    error = _check_messages(messages, "input.messages")
+    if error is not None:
+        return error
+    if messages[-1]["role"] == "assistant":
+        return "input.messages must end with a user or system message (the answers follow it)"
+    return (
+        _check_answer(data.get("preferred_output"), "preferred_output")
+        or _check_answer(data.get("non_preferred_output"), "non_preferred_output")
+        or _check_distinct(data, "preferred_output", "non_preferred_output")
+    )
+
+
+def _check_prompt_chosen_rejected(data: Mapping[str, Any]) -> str | None:
+    """prompt, chosen, rejected: all plain strings, or all message lists."""
+    prompt = data.get("prompt")
+    if isinstance(prompt, list):
+        error = _check_messages(prompt, "prompt")
+        if error is None and prompt[-1]["role"] == "assistant":
+            error = "prompt must end with a user or system message (the answers follow it)"
+        return (
+            error
+            or _check_answer(data.get("chosen"), "chosen")
+            or _check_answer(data.get("rejected"), "rejected")
+            or _check_distinct(data, "chosen", "rejected")
+        )
+    if isinstance(data.get("chosen"), list) or isinstance(data.get("rejected"), list):
+        return "prompt must be a message list when chosen and rejected are message lists"
+    return (
+        _check_string(data, "prompt", non_empty=False)
+        or _check_string(data, "chosen", non_empty=True)
+        or _check_string(data, "rejected", non_empty=True)
+        or _check_distinct(data, "chosen", "rejected")
+    )
 
 
 def _check_instruction(data: Mapping[str, Any]) -> str | None:
@@ -239,6 +325,8 @@ _CHECKS = {
     "instruction": _check_instruction,
     "prompt-completion": _check_prompt_completion,
     "text": _check_text,
+    "preference": _check_preference,
+    "prompt-chosen-rejected": _check_prompt_chosen_rejected,
 }
 
 
@@ -249,6 +337,10 @@ def validate_record(data: Mapping[str, Any], fmt: RecordFormat) -> str | None:
 
 def guess_format(data: Mapping[str, Any]) -> RecordFormat | None:
     """The format a record's keys suggest (most specific first), ignoring value checks."""
+    if "preferred_output" in data or "non_preferred_output" in data:
+        return "preference"
+    if "chosen" in data or "rejected" in data:
+        return "prompt-chosen-rejected"
     if "messages" in data:
         return "chat"
     if "instruction" in data or "output" in data:
@@ -327,7 +419,9 @@ def load_records(path: str | Path, fmt: FormatOption = "auto") -> Dataset:
         raise DatasetError(
             f"{first.location}: cannot detect the dataset format: no record is a valid chat "
             f"(messages), instruction (instruction, output), prompt-completion (prompt, "
-            f"completion) or text (text) record; first record keys: {keys}"
+            f"completion), text (text), preference (input, preferred_output, "
+            f"non_preferred_output) or prompt-chosen-rejected (prompt, chosen, rejected) "
+            f"record; first record keys: {keys}"
         )
     return Dataset(records, resolved)
 
