@@ -58,6 +58,15 @@ def unreachable(route: Route, err: BaseException) -> ApiError:
     )
 
 
+def broken(route: Route, err: BaseException) -> ApiError:
+    return ApiError(
+        502,
+        f"the model server for {route.requested} broke off its answer: "
+        f"{type(err).__name__}: {err}".rstrip(": "),
+        code="model_server_error",
+    )
+
+
 def timed_out(route: Route, seconds: float) -> ApiError:
     return ApiError(
         504,
@@ -119,6 +128,12 @@ class Inference:
         self, request: web.Request, caller: Caller, body: Any, kind: Kind
     ) -> web.StreamResponse:
         route = await self.route(caller, routing.requested_model(body))
+        return await self.relay(request, route, body, kind)
+
+    async def relay(
+        self, request: web.Request, route: Route, body: dict[str, Any], kind: Kind
+    ) -> web.StreamResponse:
+        """The request to vLLM, and its answer (or error) to the client."""
         assert self._session is not None, "Inference.start() first"
         seconds = self.context.settings.inference_timeout
         try:
@@ -128,10 +143,13 @@ class Inference:
                 headers={"Content-Type": "application/json"},
             ) as upstream:
                 if upstream.status >= 400:
-                    raise routing.upstream_error(upstream.status, await upstream.text(), route)
+                    text = (await upstream.read()).decode(errors="replace")
+                    raise routing.upstream_error(upstream.status, text, route)
                 if upstream.content_type == "text/event-stream":
                     return await self._stream(request, upstream, route)
                 answer = await upstream.read()
+        except aiohttp.ConnectionTimeoutError as err:  # also a TimeoutError: before it
+            raise unreachable(route, err) from err
         except TimeoutError as err:
             raise timed_out(route, seconds) from err
         except (aiohttp.ClientError, OSError) as err:
@@ -165,7 +183,7 @@ class Inference:
         except TimeoutError:
             failure = timed_out(route, self.context.settings.inference_timeout)
         except (aiohttp.ClientError, OSError) as cause:
-            failure = unreachable(route, cause)
+            failure = broken(route, cause)
         if failure is not None:
             log.warning("%s: stream broken: %s", request.path, failure.message)
             tail = routing.stream_error(failure)

@@ -356,9 +356,10 @@ def medians(calls: dict[str, Callable[[], Any]], n: int = 20) -> dict[str, float
 
 
 def test_routing_adds_little_to_a_request(env: Env, record_property: Any) -> None:
-    """The median of 20 (KUBETUNE_ROUTING_SAMPLES) short chat completions through the API (a fine-tuned model: one
-    FineTuneJob read; a base model: a list) and straight to vLLM: what the API adds (identity,
-    the FineTuneJob read, forwarding). Printed for the benchmarks."""
+    """The median of 20 (KUBETUNE_ROUTING_SAMPLES) short chat completions through the API (a
+    fine-tuned model: one FineTuneJob read; a base model: a list) and straight to vLLM, in
+    turns: what the API adds (identity, the FineTuneJob read, forwarding). Printed for the
+    benchmarks."""
     model = fine_tuned(env, "served")
     short = {"temperature": 0, "max_tokens": 1}
     routed, direct = env.client(), env.direct()
