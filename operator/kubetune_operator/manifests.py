@@ -1,11 +1,16 @@
 """Pure builders: a FineTuneJob (as the API server returns it) + the operator's settings ->
 the manifests of its children. No I/O here; reconcile.py sends what these return.
 
-Children: ServiceAccount, Role, RoleBinding (the trainer's identity: it may patch only its own
-FineTuneJob's status), ConfigMap (the TrainerConfig), and the batch/v1 Job running the trainer,
-created in stages (creation_stages) so that everything the pod needs exists before the Job.
-Every child carries an owner reference to the FineTuneJob, so deleting the FineTuneJob deletes
-them all through the garbage collector.
+One child per FineTuneJob: the batch/v1 Job running the trainer, with an owner reference to the
+FineTuneJob (deleting it deletes the Job through the garbage collector). The trainer config
+travels in the Job itself, as an annotation of its pod template that a downwardAPI volume puts
+at CONFIG_PATH: it is built once from the spec, like the pod, and cannot drift from it.
+
+The trainer's identity is per namespace, created once (trainer_identity): the ServiceAccount
+kubetune-trainer and a Role to get and patch FineTuneJob status. That the token of a trainer
+pod patches only the FineTuneJob whose Job made the pod is enforced by the chart's
+ValidatingAdmissionPolicy (templates/trainer-status-policy.yaml), on the pod-name claim of the
+pod's bound token against the FineTuneJob's status.jobName.
 """
 
 from __future__ import annotations
@@ -72,26 +77,21 @@ def child_name(ftj_name: str, suffix: str) -> str:
     return f"{ftj_name[:keep].rstrip('-.')}-{_hash(ftj_name)}-{suffix}"
 
 
+# The trainer's identity in every namespace with FineTuneJobs (ServiceAccount, Role, binding).
+TRAINER_ACCOUNT = "kubetune-trainer"
+# The pod template annotation holding the TrainerConfig (see the module docstring).
+CONFIG_ANNOTATION = f"{GROUP}/trainer-config"
+
+
 @dataclass(frozen=True)
 class Names:
     """The deterministic names of a FineTuneJob's children: re-running never makes new ones."""
 
     job: str
-    config_map: str
-    service_account: str
-    role: str
-    role_binding: str
 
     @classmethod
     def of(cls, ftj_name: str) -> Names:
-        trainer = child_name(ftj_name, "trainer")
-        return cls(
-            job=child_name(ftj_name, "train"),
-            config_map=child_name(ftj_name, "config"),
-            service_account=trainer,
-            role=trainer,
-            role_binding=trainer,
-        )
+        return cls(job=child_name(ftj_name, "train"))
 
 
 @dataclass(frozen=True)
@@ -219,68 +219,69 @@ def trainer_config(t: Target) -> TrainerConfig:
 
 
 def render_config(t: Target) -> str:
+    """The TrainerConfig as the pod annotation carries it: compact JSON. The spec as it was
+    when the Job was made: the fields that may change later (maxRetries, timeout, suspend,
+    cancel, queueName, serving) act on the Job and the operator, not on the trainer."""
     # exclude_none: an absent optional field reads back as None, and the document stays short.
     data = trainer_config(t).model_dump(by_alias=True, exclude_none=True, mode="json")
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
-def config_map(t: Target) -> Body:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(t, t.names.config_map),
-        "data": {CONFIG_KEY: render_config(t)},
-    }
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
 # ------------------------------------------------------------------------------ identity
 
 
-def service_account(t: Target) -> Body:
+def _identity_metadata(namespace: str) -> Body:
     return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": _metadata(t, t.names.service_account),
-        # The token is mounted only into the trainer pod (the pod sets it explicitly).
-        "automountServiceAccountToken": False,
+        "name": TRAINER_ACCOUNT,
+        "namespace": namespace,
+        "labels": {
+            "app.kubernetes.io/name": "kubetune-trainer",
+            "app.kubernetes.io/component": "trainer",
+            "app.kubernetes.io/part-of": "kubetune",
+            MANAGED_BY_LABEL: MANAGED_BY,
+        },
     }
 
 
-def role(t: Target) -> Body:
-    """The trainer may read and patch the status of its own FineTuneJob, and nothing else.
+def trainer_identity(namespace: str) -> list[Body]:
+    """The trainers' ServiceAccount, Role and RoleBinding of a namespace, in creation order.
 
-    The operator can create this Role because it holds both verbs on finetunejobs/status itself
-    (RBAC escalation prevention: one can only grant what one has).
+    The Role grants get and patch of FineTuneJob status in the namespace; the chart's
+    ValidatingAdmissionPolicy narrows the patch to the FineTuneJob whose Job runs the pod.
+    The operator can create this Role because it holds both verbs itself (RBAC escalation
+    prevention: one can only grant what one has). Shared by the namespace's jobs, so no owner.
     """
-    return {
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _identity_metadata(namespace),
+        # The token is mounted only into trainer pods (their pod spec asks for it).
+        "automountServiceAccountToken": False,
+    }
+    role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _metadata(t, t.names.role),
+        "metadata": _identity_metadata(namespace),
         "rules": [
             {
                 "apiGroups": [GROUP],
                 "resources": [f"{PLURAL}/status"],
-                "resourceNames": [t.name],
                 "verbs": ["get", "patch"],
             }
         ],
     }
-
-
-def role_binding(t: Target) -> Body:
-    return {
+    binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _metadata(t, t.names.role_binding),
+        "metadata": _identity_metadata(namespace),
         "roleRef": {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",
-            "name": t.names.role,
+            "name": TRAINER_ACCOUNT,
         },
-        "subjects": [
-            {"kind": "ServiceAccount", "name": t.names.service_account, "namespace": t.namespace}
-        ],
+        "subjects": [{"kind": "ServiceAccount", "name": TRAINER_ACCOUNT, "namespace": namespace}],
     }
+    return [account, role, binding]
 
 
 # ------------------------------------------------------------------------------------ the Job
@@ -362,7 +363,17 @@ SHM_SIZE_LIMIT = "2Gi"  # NCCL's shared-memory transport; counts against the mem
 
 def _volumes(t: Target) -> tuple[list[Body], list[Body]]:
     volumes: list[Body] = [
-        {"name": "config", "configMap": {"name": t.names.config_map}},
+        {
+            "name": "config",
+            "downwardAPI": {
+                "items": [
+                    {
+                        "path": CONFIG_KEY,
+                        "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"},
+                    }
+                ]
+            },
+        },
         {"name": "work", "emptyDir": {"sizeLimit": t.spec.resources.scratch_size}},
         {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
         # PyTorch data-loader workers and NCCL exchange tensors through /dev/shm, which is
@@ -448,7 +459,7 @@ def job(t: Target, settings: OperatorSettings) -> Body:
         # SIGTERM (suspend, preemption, drain) makes the trainer checkpoint and exit; this is
         # how long it has before SIGKILL.
         "terminationGracePeriodSeconds": spec.checkpointing.grace_period_seconds,
-        "serviceAccountName": t.names.service_account,
+        "serviceAccountName": TRAINER_ACCOUNT,
         "automountServiceAccountToken": True,  # the trainer reports status with this token
         "enableServiceLinks": False,
         "securityContext": {
@@ -478,7 +489,10 @@ def job(t: Target, settings: OperatorSettings) -> Body:
         "backoffLimit": spec.max_retries,
         "podFailurePolicy": pod_failure_policy(),
         "template": {
-            "metadata": {"labels": labels(t), "annotations": child_annotations(t)},
+            "metadata": {
+                "labels": labels(t),
+                "annotations": {**child_annotations(t), CONFIG_ANNOTATION: render_config(t)},
+            },
             "spec": pod_spec,
         },
     }
@@ -497,18 +511,9 @@ def job(t: Target, settings: OperatorSettings) -> Body:
 
 
 def children(t: Target, settings: OperatorSettings) -> list[Body]:
-    """All children in creation order: what the pod needs first, the Job last."""
-    return [service_account(t), role(t), role_binding(t), config_map(t), job(t, settings)]
-
-
-def creation_stages(t: Target, settings: OperatorSettings) -> list[list[Body]]:
-    """The children in stages; the creates within a stage are independent and may be sent at
-    once. The RoleBinding waits for its Role (without the `bind` verb the API server checks
-    that the operator holds every permission of the Role it binds, so the Role must exist),
-    and the Job waits for everything its pod needs: its ServiceAccount (else the pod is
-    rejected), ConfigMap and permissions."""
-    sa, role_, binding, config, job_ = children(t, settings)
-    return [[sa, role_, config], [binding], [job_]]
+    """What the operator creates for one FineTuneJob: its Job (the namespace's trainer
+    identity comes first, once per namespace: trainer_identity)."""
+    return [job(t, settings)]
 
 
 # ------------------------------------------------------------------------- updates of a Job

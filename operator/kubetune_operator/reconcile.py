@@ -4,11 +4,12 @@ handlers.py maps Kopf's events onto these functions; each is idempotent, so a ha
 twice (a retry, an operator restart, a second replica before peering paused it) converges on
 the same objects: child names are deterministic and creates tolerate "already exists".
 
-Requests per FineTuneJob, the whole of what the operator sends while it is created: five creates
-(the children; no GET before them, a GET only after a 409), one status patch, the two Events
-(JobCreated and the first phase) and Kopf's own annotation patch (its diff base). Everything
-else is read from Kopf's in-memory indices of the FineTuneJobs, Jobs and pods it watches
-(`Observed`), not from the API server; the one exception is a failed Job's pods (sync_status).
+Requests per FineTuneJob, the whole of what the operator sends while it is created: one create
+(its Job; a GET only after a 409), one status patch, the two Events (JobCreated and the first
+phase) and Kopf's own annotation patch (its diff base); plus, once per namespace, the trainers'
+ServiceAccount, Role and RoleBinding. Everything else is read from Kopf's in-memory indices of
+the FineTuneJobs, Jobs and pods it watches (`Observed`), not from the API server; the one
+exception is a failed Job's pods (sync_status).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from kubetune_operator.kube import ApiError, Forbidden, Kube, path
 from kubetune_operator.serving_reconcile import ServingMemory
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.api import API_VERSION, PLURAL, FineTuneSpec
-from kubetune_trainer.config import CONFIG_KEY
 
 Body = Mapping[str, Any]
 
@@ -60,6 +60,8 @@ class Operator:
     # FineTuneJob, with the Job's uid: found by check_pod_creation, dropped once a pod exists.
     pod_blockers: dict[tuple[str, str], tuple[str, status.Blocker]] = field(default_factory=dict)
     serving: ServingMemory = field(default_factory=ServingMemory)
+    # Namespaces whose trainer identity exists (created once, by _ensure_identity).
+    identities: set[str] = field(default_factory=set)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """One status computation at a time per FineTuneJob: the last patch sent is always
@@ -165,9 +167,7 @@ async def ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
     """Create whatever of the FineTuneJob's children is missing, then report status.
 
     Safe to re-run at any time: existing children are left as they are. `ftj` is the body Kopf
-    delivered (no GET). Creates that do not depend on each other go out together
-    (manifests.creation_stages): three round trips instead of five. At most
-    CREATE_CONCURRENCY FineTuneJobs at a time.
+    delivered (no GET). At most CREATE_CONCURRENCY FineTuneJobs at a time.
     """
     async with op.creating:
         await _ensure_children(op, ftj, seen)
@@ -191,11 +191,10 @@ async def _ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
         blocker = validation.claims_blocker(namespace, missing)
         await sync_status(op, namespace, name, ftj=ftj, seen=seen, blocker=blocker)
         raise kopf.TemporaryError(blocker.message, delay=CLAIM_RETRY_SECONDS)
-    *before_job, (job_manifest,) = manifests.creation_stages(t, op.settings)
+    (job_manifest,) = manifests.children(t, op.settings)
     job: Body | _Unknown | None = UNKNOWN
     try:
-        for stage in before_job:
-            await asyncio.gather(*(_create(op, child, uid) for child in stage))
+        await _ensure_identity(op, namespace)
         if not current.get("jobName"):
             # Once the Job existed, its absence means it was deleted, which cancels the job
             # (status.py); recreating it would silently start training over.
@@ -235,6 +234,20 @@ class _Refused(Exception):
         )
 
 
+async def _ensure_identity(op: Operator, namespace: str) -> None:
+    """The namespace's trainer ServiceAccount, Role and RoleBinding: created with its first
+    FineTuneJob (three creates, the binding after its Role), then only remembered."""
+    if namespace in op.identities:
+        return
+    account, role, binding = manifests.trainer_identity(namespace)
+    for child in ((account, role), (binding,)):
+        try:
+            await asyncio.gather(*(op.kube.create(c) for c in child))
+        except (ApiError, Forbidden) as err:
+            raise _Refused(child[0], err) from err
+    op.identities.add(namespace)
+
+
 async def _create(op: Operator, child: Body, uid: str) -> tuple[Body, bool]:
     """Create a child (or find it), check it is ours; a refusal becomes _Refused."""
     try:
@@ -256,8 +269,8 @@ def _check_owner(child: Body, obj: Body, uid: str) -> None:
 
 
 async def apply_spec_change(op: Operator, ftj: Body, seen: Observed) -> None:
-    """Carry a spec change into the children: the trainer config, and the Job settings that
-    stay mutable (maxRetries, timeout, queueName)."""
+    """Carry a spec change into the Job: the settings that stay mutable (maxRetries, timeout,
+    queueName). The trainer config in the Job is the spec at creation (manifests.render_config)."""
     meta = ftj["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     error = validation.spec_error(ftj)
@@ -265,11 +278,9 @@ async def apply_spec_change(op: Operator, ftj: Body, seen: Observed) -> None:
         await sync_status(op, namespace, name, ftj=ftj, seen=seen)
         raise kopf.PermanentError(f"invalid spec: {error}")
     t = manifests.target(ftj, op.settings)
-    config_path = path("v1", "configmaps", namespace, t.names.config_map)
     job = seen.job(namespace, name, t.uid)
     refused: ApiError | Forbidden | None = None
     try:
-        await op.kube.merge_patch(config_path, {"data": {CONFIG_KEY: manifests.render_config(t)}})
         if job is not None:
             await op.kube.merge_patch(
                 path("batch/v1", "jobs", namespace, t.names.job), manifests.job_settings_patch(t)

@@ -56,13 +56,18 @@ def install_crds(cluster: Cluster) -> None:
 
 
 def render_rbac(
-    cluster: Cluster, release: str, namespace: str, watch: Sequence[str] = ()
+    cluster: Cluster,
+    release: str,
+    namespace: str,
+    watch: Sequence[str] = (),
+    template: str = "templates/rbac.yaml",
 ) -> list[dict[str, Any]]:
-    """The chart's templates/rbac.yaml: cluster-wide, or for the watched namespaces."""
+    """A template of the chart (its RBAC by default): cluster-wide, or for the watched
+    namespaces."""
     args = ["--set", f"operator.watchNamespaces={{{','.join(watch)}}}"] if watch else []
     rendered = subprocess.run(
         [str(cluster.bin / "helm"), "template", release, str(CHART), "--namespace", namespace,
-         "--show-only", "templates/rbac.yaml", *args],
+         "--show-only", template, *args],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     return [d for d in yaml.safe_load_all(rendered) if d]
@@ -82,6 +87,10 @@ def install_operator_identity(
         if not clusterwide:
             docs = [d for d in docs if d["kind"] == "ServiceAccount"]
         cluster.apply(docs, namespace)
+        # The chart's policy that holds each trainer to its own FineTuneJob's status.
+        policy = render_rbac(cluster, release, namespace,
+                             template="templates/trainer-status-policy.yaml")  # fmt: skip
+        cluster.apply(policy, namespace)
         account = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
         token = cluster.kubectl(
             "create", "token", account, "-n", namespace, "--duration", "2h"
@@ -108,8 +117,10 @@ def install_operator_identity(
         finally:
             selector = f"app.kubernetes.io/instance={release}"
             cluster.kubectl(
-                "delete", "clusterrole,clusterrolebinding", "-l", selector, "--wait=false",
-                check=False,
+                "delete",
+                "clusterrole,clusterrolebinding,validatingadmissionpolicy,"
+                "validatingadmissionpolicybinding",
+                "-l", selector, "--wait=false", check=False,
             )  # fmt: skip
 
 

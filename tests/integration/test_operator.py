@@ -47,6 +47,7 @@ pytestmark = pytest.mark.cluster
 
 Obj = dict[str, Any]
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+# What a FineTuneJob's children may be (one, its Job; the rest must not exist per job).
 CHILD_KINDS = ("job", "configmap", "serviceaccount", "role", "rolebinding")
 
 
@@ -225,13 +226,13 @@ def test_api_server_freezes_training_settings_once_started(
 # ------------------------------------------------------------------------------- children
 
 
-def test_each_method_gets_exactly_one_set_of_owned_children(
+def test_each_method_gets_one_owned_job_and_the_namespace_one_trainer_identity(
     cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
 ) -> None:
     ns = restricted_namespace
     start_operator("a").wait_active()
     methods = {"lora": "ftj-lora", "qlora": "ftj-qlora", "full": "ftj-full"}
-    # Suspended: the children are created, no pod runs.
+    # Suspended: the Jobs are created, no pod runs.
     cluster.apply(
         [finetunejob(name, method=method, suspend=True) for method, name in methods.items()], ns
     )
@@ -243,27 +244,34 @@ def test_each_method_gets_exactly_one_set_of_owned_children(
         uid = ftj["metadata"]["uid"]
         for kind in CHILD_KINDS:
             children = items(cluster, kind, ns, f"kubetune.dev/finetunejob={name}")
-            assert len(children) == 1, (kind, [c["metadata"]["name"] for c in children])
-            (owner,) = children[0]["metadata"]["ownerReferences"]
-            assert (owner["kind"], owner["name"], owner["uid"]) == ("FineTuneJob", name, uid)
-            assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
-        (config_map,) = items(cluster, "configmap", ns, f"kubetune.dev/finetunejob={name}")
-        config = TrainerConfig.model_validate_json(config_map["data"]["config.json"])
+            assert len(children) == (kind == "job"), (
+                kind,
+                [c["metadata"]["name"] for c in children],
+            )
+        job = get(cluster, "job", f"{name}-train", ns)
+        assert job is not None and job["spec"]["suspend"] is True
+        (owner,) = job["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["uid"]) == ("FineTuneJob", name, uid)
+        assert owner["controller"] is True and owner["blockOwnerDeletion"] is True
+        # The trainer config travels in the Job (a pod annotation, read as a file).
+        template = job["spec"]["template"]
+        config = TrainerConfig.model_validate_json(
+            template["metadata"]["annotations"]["kubetune.dev/trainer-config"]
+        )
         assert config.spec.method == method
         assert config.job is not None and (config.job.name, config.job.uid) == (name, uid)
         assert config.spec.storage.endpoint == "http://127.0.0.1:9"  # the operator's default
-        (role,) = items(cluster, "role", ns, f"kubetune.dev/finetunejob={name}")
-        assert role["rules"] == [
-            {
-                "apiGroups": ["kubetune.dev"],
-                "resources": ["finetunejobs/status"],
-                "resourceNames": [name],
-                "verbs": ["get", "patch"],
-            }
-        ]
-        job = get(cluster, "job", f"{name}-train", ns)
-        assert job is not None and job["spec"]["suspend"] is True
+        assert template["spec"]["serviceAccountName"] == "kubetune-trainer"
         assert not trainer_pods(cluster, ns, name)
+    # One trainer identity for the whole namespace.
+    (role,) = items(cluster, "role", ns, "app.kubernetes.io/name=kubetune-trainer")
+    assert role["metadata"]["name"] == "kubetune-trainer"
+    assert role["rules"] == [
+        {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/status"],
+         "verbs": ["get", "patch"]}
+    ]  # fmt: skip
+    assert get(cluster, "serviceaccount", "kubetune-trainer", ns) is not None
+    assert get(cluster, "rolebinding", "kubetune-trainer", ns) is not None
 
 
 def test_missing_claim_keeps_the_job_pending_without_a_job(
@@ -298,6 +306,8 @@ def test_status_follows_the_pod_to_succeeded(
 ) -> None:
     ns = restricted_namespace
     operator = start_operator("a").wait_active()
+    # Another job of the namespace, whose status the stand-in tries to patch (and must not).
+    cluster.apply(finetunejob("happy-other", suspend=True), ns)
     cluster.apply(finetunejob("happy", "succeed-3"), ns)
     status = wait_phase(cluster, ns, "happy", "Succeeded")
     assert phase_log.phases("happy")[-3:] == ["Pending", "Running", "Succeeded"]
@@ -541,9 +551,6 @@ def test_mutable_settings_reach_the_running_job(
     job = get(cluster, "job", "stretch-train", ns)
     assert job is not None
     assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"]) == (5, 3)
-    (config_map,) = items(cluster, "configmap", ns, "kubetune.dev/finetunejob=stretch")
-    config = TrainerConfig.model_validate_json(config_map["data"]["config.json"])
-    assert (config.spec.max_retries, config.spec.timeout) == (5, "3s")
 
 
 # ------------------------------------------------------------------------------ Kueue (real)

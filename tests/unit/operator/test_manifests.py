@@ -52,7 +52,19 @@ BASE_MOUNTS = [
     {"name": "shm", "mountPath": "/dev/shm"},
 ]
 BASE_VOLUMES = [
-    {"name": "config", "configMap": {"name": "support-lora-config"}},
+    {
+        "name": "config",
+        "downwardAPI": {
+            "items": [
+                {
+                    "path": "config.json",
+                    "fieldRef": {
+                        "fieldPath": "metadata.annotations['kubetune.dev/trainer-config']"
+                    },
+                }
+            ]
+        },
+    },
     # Every scratch volume has a size limit; /workspace's is spec.resources.scratchSize.
     {"name": "work", "emptyDir": {"sizeLimit": "200Gi"}},
     {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}},
@@ -92,8 +104,9 @@ def target(manifest: dict[str, Any] | None = None, **spec: Any) -> manifests.Tar
     return manifests.target(served(manifest, **spec), SETTINGS)
 
 
-def minimal_job(**overrides: Any) -> dict[str, Any]:
-    """The Job for VALID_MANIFEST, written out in full."""
+def minimal_job(method: str = "lora", **overrides: Any) -> dict[str, Any]:
+    """The Job for VALID_MANIFEST (with `method`), written out in full but for its config."""
+    config = manifests.render_config(target(method=method))
     expected: dict[str, Any] = {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -108,12 +121,15 @@ def minimal_job(**overrides: Any) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": LABELS,
-                    "annotations": {"kubetune.dev/finetunejob": "support-lora"},
+                    "annotations": {
+                        "kubetune.dev/finetunejob": "support-lora",
+                        "kubetune.dev/trainer-config": config,
+                    },
                 },
                 "spec": {
                     "restartPolicy": "Never",
                     "terminationGracePeriodSeconds": 120,
-                    "serviceAccountName": "support-lora-trainer",
+                    "serviceAccountName": "kubetune-trainer",
                     "automountServiceAccountToken": True,
                     "enableServiceLinks": False,
                     "securityContext": POD_SECURITY,
@@ -146,9 +162,9 @@ def minimal_job(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-def test_job_is_the_same_for_every_method(method: str) -> None:
+def test_job_is_the_same_for_every_method_but_its_config(method: str) -> None:
     # The method only changes what the trainer does (it reads it from the config), not the pod.
-    assert manifests.job(target(method=method), SETTINGS) == minimal_job()
+    assert manifests.job(target(method=method), SETTINGS) == minimal_job(method)
 
 
 def test_job_for_every_spec_field() -> None:
@@ -247,7 +263,9 @@ def test_trainer_command_is_configurable_without_changing_the_job() -> None:
 def test_pod_meets_pod_security_restricted() -> None:
     """The checks of the PSS "restricted" profile that apply to this pod."""
     pod = manifests.job(target(FULL_MANIFEST), SETTINGS)["spec"]["template"]["spec"]
-    allowed_volumes = {"configMap", "emptyDir", "persistentVolumeClaim", "projected", "secret"}
+    allowed_volumes = {
+        "configMap", "downwardAPI", "emptyDir", "persistentVolumeClaim", "projected", "secret"
+    }  # fmt: skip
     for volume in pod["volumes"]:
         assert set(volume) - {"name"} <= allowed_volumes, volume
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -283,12 +301,12 @@ def test_pod_failure_policy_fails_fast_on_permanent_exit_codes() -> None:
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 @pytest.mark.parametrize("data_format", FORMATS)
-def test_config_map_holds_a_valid_trainer_config(method: str, data_format: str) -> None:
+def test_the_job_carries_a_valid_trainer_config(method: str, data_format: str) -> None:
     t = target(method=method, dataset={**VALID_MANIFEST["spec"]["dataset"], "format": data_format})
-    config_map = manifests.config_map(t)
-    assert config_map["metadata"] == {"name": "support-lora-config", **METADATA}
-    assert set(config_map["data"]) == {"config.json"}
-    config = TrainerConfig.model_validate_json(config_map["data"]["config.json"])
+    template = manifests.job(t, SETTINGS)["spec"]["template"]
+    text = template["metadata"]["annotations"]["kubetune.dev/trainer-config"]
+    assert len(text) < 8192  # a small part of the 256 KiB annotations may hold
+    config = TrainerConfig.model_validate_json(text)
     assert config.job is not None
     assert (config.job.namespace, config.job.name, config.job.uid) == (
         NAMESPACE,
@@ -332,49 +350,29 @@ def test_config_rendering_is_deterministic() -> None:
     assert json.loads(manifests.render_config(target()))["kind"] == "TrainerConfig"
 
 
-def test_trainer_may_patch_only_its_own_status() -> None:
-    t = target()
-    assert manifests.role(t) == {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": {"name": "support-lora-trainer", **METADATA},
-        "rules": [
-            {
-                "apiGroups": ["kubetune.dev"],
-                "resources": ["finetunejobs/status"],
-                "resourceNames": ["support-lora"],
-                "verbs": ["get", "patch"],
-            }
-        ],
-    }
-    assert manifests.role_binding(t) == {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": {"name": "support-lora-trainer", **METADATA},
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "Role",
-            "name": "support-lora-trainer",
-        },
-        "subjects": [
-            {"kind": "ServiceAccount", "name": "support-lora-trainer", "namespace": NAMESPACE}
-        ],
-    }
-    assert manifests.service_account(t) == {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": {"name": "support-lora-trainer", **METADATA},
-        "automountServiceAccountToken": False,  # the pod mounts it explicitly
-    }
+def test_the_namespaces_trainers_may_get_and_patch_finetunejob_status_only() -> None:
+    account, role, binding = manifests.trainer_identity(NAMESPACE)
+    identity = {"name": "kubetune-trainer", "namespace": NAMESPACE}
+    for obj in (account, role, binding):
+        assert {k: obj["metadata"][k] for k in identity} == identity
+        assert "ownerReferences" not in obj["metadata"]  # shared by the namespace's jobs
+    # Which job's status: the chart's admission policy (templates/trainer-status-policy.yaml).
+    assert role["rules"] == [
+        {"apiGroups": ["kubetune.dev"], "resources": ["finetunejobs/status"],
+         "verbs": ["get", "patch"]}
+    ]  # fmt: skip
+    assert binding["roleRef"]["name"] == "kubetune-trainer"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kubetune-trainer", "namespace": NAMESPACE}
+    ]
+    assert account["automountServiceAccountToken"] is False  # the pod mounts it explicitly
 
 
-def test_children_come_in_dependency_order_and_are_all_owned() -> None:
-    children = manifests.children(target(), SETTINGS)
-    kinds = [c["kind"] for c in children]
-    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Job"]
-    for child in children:
-        assert child["metadata"]["ownerReferences"] == [OWNER]
-        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune"
+def test_a_finetunejob_has_one_child_its_job() -> None:
+    (child,) = manifests.children(target(), SETTINGS)
+    assert child["kind"] == "Job"
+    assert child["metadata"]["ownerReferences"] == [OWNER]
+    assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune"
 
 
 # ------------------------------------------------------------------------------------- names
@@ -385,9 +383,7 @@ def test_names_are_deterministic_dns_labels(length: int) -> None:
     name = ("a" * (length - 1) + "z") if length > 1 else "z"
     names = manifests.Names.of(name)
     assert names == manifests.Names.of(name)
-    for value in (names.job, names.config_map, names.service_account):
-        assert len(value) <= 63 and DNS_LABEL.match(value), value
-    assert len({names.job, names.config_map, names.service_account}) == 3
+    assert len(names.job) <= 63 and DNS_LABEL.match(names.job), names.job
     label = manifests.truncate(name)
     assert len(label) <= 63 and LABEL_VALUE.match(label)
     if length <= 57:
@@ -407,7 +403,6 @@ def test_long_dotted_names_keep_the_full_name_in_an_annotation() -> None:
     assert len(job["metadata"]["labels"]["kubetune.dev/finetunejob"]) <= 63
     assert manifests.ftj_name_of(job) == name
     assert manifests.ftj_name_of({"metadata": job["spec"]["template"]["metadata"]}) == name
-    assert manifests.role(t)["rules"][0]["resourceNames"] == [name]
 
 
 # ---------------------------------------------------------------------------------- updates

@@ -134,25 +134,29 @@ def _labelled(obj: Obj, ftj_name: str = "support-lora") -> Obj:
     return obj
 
 
-def test_creation_is_five_creates_one_status_patch_and_two_events(events: list[str]) -> None:
+def test_creation_is_one_create_one_status_patch_and_two_events(events: list[str]) -> None:
     ftj = served(suspend=True)
     kube = FakeKube(ftj)
     op = _operator(kube)
     asyncio.run(reconcile.ensure_children(op, ftj, _seen(ftjs=[ftj])))
-
-    methods = [method for method, _ in kube.calls]
-    assert methods.count("POST") == 5
-    assert methods.count("PATCH") == 1 and kube.calls[-1][1].endswith("/status")
-    assert "GET" not in methods and "LIST" not in methods
-    # Everything the pod needs exists before the Job; the RoleBinding after its Role.
+    # The namespace's first FineTuneJob also makes the trainers' identity, once.
     created = [what for method, what in kube.calls if method == "POST"]
-    assert created[-1].startswith("Job/")
-    assert created.index("RoleBinding/support-lora-trainer") > created.index(
-        "Role/support-lora-trainer"
-    )
+    identity = {"ServiceAccount/kubetune-trainer", "Role/kubetune-trainer"}
+    assert set(created[:2]) == identity  # together, then the binding (after its Role)
+    assert created[2] == "RoleBinding/kubetune-trainer"
+    assert created[3:] == ["Job/support-lora-train"]
     assert kube.ftj["status"]["phase"] == "Suspended"
     assert kube.ftj["status"]["jobName"] == "support-lora-train"
     assert events == ["JobCreated", "Suspended"]
+
+    # Every later FineTuneJob of the namespace: its Job, its status, nothing else.
+    second = served(name="second", suspend=True)
+    kube = FakeKube(second)
+    op.kube = kube  # type: ignore[assignment]
+    asyncio.run(reconcile.ensure_children(op, second, _seen(ftjs=[second])))
+    methods = [method for method, _ in kube.calls]
+    assert kube.calls[0] == ("POST", "Job/second-train")
+    assert methods == ["POST", "PATCH"] and kube.calls[-1][1].endswith("/status")
 
 
 def test_job_events_cost_no_request_and_repeat_nothing(events: list[str]) -> None:
@@ -217,18 +221,7 @@ def test_restart_with_existing_children_creates_no_second_job(events: list[str])
     asyncio.run(reconcile.ensure_children(_operator(kube), ftj, _seen(ftjs=[ftj], jobs=[the_job])))
     posted = [what for method, what in kube.calls if method == "POST"]
     assert not any(what.startswith("Job/") for what in posted)  # jobName set: never again
-    assert len(posted) == 4
-
-
-def test_children_in_creation_stages_are_all_children() -> None:
-    t = manifests.target(served(), OperatorSettings())
-    stages = manifests.creation_stages(t, OperatorSettings())
-    flat = [child for stage in stages for child in stage]
-    assert sorted(c["kind"] for c in flat) == sorted(
-        c["kind"] for c in manifests.children(t, OperatorSettings())
-    )
-    kinds = [[c["kind"] for c in stage] for stage in stages]
-    assert kinds == [["ServiceAccount", "Role", "ConfigMap"], ["RoleBinding"], ["Job"]]
+    assert len(posted) == 3  # the namespace's trainer identity (tolerating "already exists")
 
 
 def test_forget_drops_what_is_kept_about_a_finetunejob() -> None:
@@ -424,16 +417,15 @@ def test_a_quota_that_refuses_a_child_keeps_the_job_pending_and_retried(
 ) -> None:
     ftj = served()
     kube = FakeKube(ftj)
-    detail = 'configmaps "support-lora-config" is forbidden: exceeded quota: q, used: 10/10'
-    kube.refuse["ConfigMap"] = Forbidden(f"POST ...: {detail}", detail, delay=60)
+    detail = 'jobs.batch "support-lora-train" is forbidden: exceeded quota: q, used: 10/10'
+    kube.refuse["Job"] = Forbidden(f"POST ...: {detail}", detail, delay=60)
     with pytest.raises(kopf.TemporaryError) as retried:
         asyncio.run(reconcile.ensure_children(_operator(kube), ftj, _seen(ftjs=[ftj])))
     assert not isinstance(retried.value, kopf.PermanentError)
     status = kube.ftj["status"]
     assert (status["phase"], status["reason"]) == ("Pending", "QuotaExceeded")
-    assert "ConfigMap support-lora-config" in status["message"] and detail in status["message"]
+    assert "Job support-lora-train" in status["message"] and detail in status["message"]
     assert events == ["QuotaExceeded"]
-    assert not any(call == ("POST", "Job/support-lora-train") for call in kube.calls)
 
 
 def _failed_create(message: str, at: str) -> Obj:
