@@ -93,7 +93,6 @@ class Agent:
         self.failures: dict[str, Failure] = {}
         self.notes: dict[str, str] = {}  # what is being done with adapters on their way in
         self.written: ServerState | None = None  # what <server>-state holds, as far as known
-        self._read_written = False
 
     # ---------------------------------------------------------------------------- the loop
 
@@ -331,9 +330,9 @@ class Agent:
         self._publish(adapters, served is not None, message)
 
     def _publish(self, adapters: dict[str, AdapterReport], ready: bool, message: str) -> None:
-        """Merge-patch <server>-state if the report changed."""
-        if not self._read_written:
-            self._load_written()
+        """Merge-patch <server>-state if the report changed (from what it holds now: a state
+        ConfigMap someone recreated or edited is written again)."""
+        self._read_written()
         state = ServerState(vllm_ready=ready, message=message, adapters=adapters)
         if not changed(state, self.written):
             return
@@ -351,15 +350,13 @@ class Agent:
             f" ({message})" if message else "",
         )
 
-    def _load_written(self) -> None:
+    def _read_written(self) -> None:
         try:
             data = self.configmaps.data(self.settings.state_configmap)
         except KubeError:
-            return
-        self._read_written = True
+            return  # keep what we know; the patch will tell
         text = (data or {}).get(STATE_KEY)
-        if text:
-            try:
-                self.written = ServerState.model_validate_json(text)
-            except pydantic.ValidationError:
-                self.written = None
+        try:
+            self.written = ServerState.model_validate_json(text) if text else None
+        except pydantic.ValidationError:
+            self.written = None

@@ -426,9 +426,10 @@ def complete(vllm: VllmServer, model: str) -> tuple[list[int], list[int]]:
 def first_token_latency(vllm: VllmServer, model: str, runs: int = 5) -> float:
     """Median seconds from request to the first streamed token."""
     latencies = []
+    client = vllm.client()
     for _ in range(runs):
         started = time.monotonic()
-        stream = vllm.client().chat.completions.create(
+        stream = client.chat.completions.create(
             model=model, messages=MESSAGES, max_tokens=MAX_NEW_TOKENS, temperature=0, stream=True,  # type: ignore[arg-type]
         )  # fmt: skip
         for chunk in stream:

@@ -178,6 +178,14 @@ def test_quiet_rounds_write_nothing(world: World) -> None:
     assert world.configmaps.patches == patches
 
 
+def test_a_recreated_state_configmap_is_written_again(world: World) -> None:
+    world.want("a")
+    world.agent.round()
+    world.configmaps.maps[f"{SERVER}-state"] = {}  # deleted and recreated empty
+    world.agent.round()
+    assert world.states() == {"a": "Loaded"}
+
+
 def test_what_a_restarted_vllm_lost_is_loaded_again_from_the_checked_files(world: World) -> None:
     world.want("a")
     world.agent.round()
