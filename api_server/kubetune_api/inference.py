@@ -13,7 +13,8 @@ answer comes back with `model` rewritten to the id the client asked for: a JSON 
 a stream (`stream: true`, Server-Sent Events) event by event, each written to the client as
 soon as it arrives. vLLM's errors keep their status and message in OpenAI's shape; an
 unreachable server is a 503, a server that does not answer within KUBETUNE_API_INFERENCE_TIMEOUT
-a 504.
+a 504, an answer that is not JSON a 502. Once a stream has started, a failure is an error event
+(`data: {"error": ...}`), which the `openai` client raises.
 """
 
 from __future__ import annotations
