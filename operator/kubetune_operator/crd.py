@@ -192,7 +192,24 @@ def _convert(node: Mapping[str, Any], defs: Mapping[str, Any]) -> Schema:
         raise ValueError(f"schema node without a type: {dict(node)}")
     if out.get("x-kubernetes-preserve-unknown-fields"):
         raise ValueError("x-kubernetes-preserve-unknown-fields would disable pruning")
+    _check_default_against_bounds(out)
     return _ordered(out)
+
+
+def _check_default_against_bounds(node: Schema) -> None:
+    """The API server validates a default that is a whole number (0.0 travels as 0) against
+    int(bound) (kube-openapi's MaximumInt/MinimumInt): with an exclusive, fractional bound it
+    refuses the whole CRD ("0 ... should be less than 0" for default 0 below 0.5). Fail here."""
+    default = node.get("default")
+    if not isinstance(default, int | float) or isinstance(default, bool) or default % 1:
+        return
+    for bound, exclusive in (("maximum", "exclusiveMaximum"), ("minimum", "exclusiveMinimum")):
+        value = node.get(bound)
+        if node.get(exclusive) and isinstance(value, float) and value % 1:
+            raise ValueError(
+                f"default {default} with exclusive {bound} {value}: the API server compares "
+                f"it with {int(value)} and refuses the CRD; use an inclusive bound"
+            )
 
 
 def _additional_properties(value: object, defs: Mapping[str, Any]) -> Schema:

@@ -400,7 +400,9 @@ class DpoConfig(_SpecModel):
     label_smoothing: float = Field(
         default=0.0,
         ge=0,
-        lt=0.5,
+        # Inclusive, as TRL's range: with an exclusive 0.5 the API server refuses the CRD (it
+        # compares the integer default 0 with int(0.5); see crd._check_default_against_bounds).
+        le=0.5,
         description=(
             "Assumed share of pairs whose preference label is wrong (conservative DPO; default "
             "0). Between 0 and 0.5: a little smoothing, such as 0.1, keeps noisy labels from "

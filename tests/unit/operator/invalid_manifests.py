@@ -285,8 +285,8 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "spec.dpo.beta",
     ),
     _case(
-        "dpo-label-smoothing-half",
-        {"objective": "dpo", "dpo": {"labelSmoothing": 0.5}},
+        "dpo-label-smoothing-above-half",
+        {"objective": "dpo", "dpo": {"labelSmoothing": 0.6}},
         "spec.dpo.labelSmoothing",
     ),
     _case(

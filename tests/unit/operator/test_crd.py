@@ -244,3 +244,12 @@ def test_timeout_seconds() -> None:
     spec = FineTuneSpec.model_validate({**MINIMAL_SPEC, "timeout": "1h30m"})
     assert spec.timeout_seconds() == 5400
     assert FineTuneSpec.model_validate(MINIMAL_SPEC).timeout_seconds() is None
+
+
+def test_a_whole_default_with_a_fractional_exclusive_bound_is_refused_at_generation() -> None:
+    # The API server compared default 0 with int(0.5) = 0 and refused the CRD.
+    node = {"type": "number", "default": 0.0, "minimum": 0, "exclusiveMaximum": 0.5}
+    with pytest.raises(ValueError, match="use an inclusive bound"):
+        crd.structural_schema(node)
+    node["default"] = 0.1
+    assert crd.structural_schema(node)["maximum"] == 0.5
