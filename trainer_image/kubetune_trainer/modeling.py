@@ -175,7 +175,7 @@ def keep_4bit_layout(model: torch.nn.Module) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
 
 
 def attention_mask_dtype(model: torch.nn.Module, precision: Precision) -> torch.dtype:
