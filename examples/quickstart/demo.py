@@ -12,6 +12,9 @@ Steps (each printed as it runs):
      (OPENAI_BASE_URL, and as OPENAI_API_KEY a token of a ServiceAccount allowed in the demo
      namespace), run examples/openai/finetune.py (the OpenAI client's fine-tuning quickstart,
      unchanged) and follow that job through the API to its fine-tuned model
+  7. the hosted script's last step: client.chat.completions.create(model=job.fine_tuned_model)
+     answered by the vLLM server the operator starts for it (docs/serving.md), next to the base
+     model's answer
 Assumes `make cluster-up` (the Makefile runs it first).
 """
 
@@ -69,6 +72,8 @@ def upload_assets(env: dict[str, str]) -> None:
     out = DEV / "quickstart-assets"
     if not (out / "model/config.json").exists():
         assets.write_assets(out)
+    elif not (out / "data/preference/train.jsonl").exists():  # assets written before DPO
+        assets.write_preference_data(out)
     assets.upload(out / "model", f"{PREFIX}/model/", env)
     assets.upload(out / "data", f"{PREFIX}/data/", env)
 
@@ -113,10 +118,20 @@ def install_chart(env: dict[str, str], *sets: str) -> None:
         "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
         "--values", str(ROOT / "examples/quickstart/local-values.yaml"),
         "--set", f"trainer.storage.endpoint={env['AWS_ENDPOINT_URL']}",
+        "--set-json", f"serving.command={json.dumps(vllm_command())}",
         *(arg for value in sets for arg in ("--set", value)),
         "--wait", "--timeout", "3m",
     )  # fmt: skip
     print(kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide").rstrip())
+
+
+def vllm_command() -> list[str]:
+    """vLLM's CPU build (its own virtualenv, built once and cached: tests/localenv/vllm_env.py),
+    as the model servers' command on the process node."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from localenv.vllm_env import ensure  # noqa: PLC0415 - the local environment's tooling
+
+    return [str(ensure()), "-m", "vllm.entrypoints.openai.api_server"]
 
 
 def apply_job(env: dict[str, str]) -> None:
@@ -291,6 +306,42 @@ def follow_openai_job(settings: dict[str, str], job_id: str, timeout: float = TI
     return job
 
 
+QUESTION = "What does the method lora do?"  # the quickstart's validation data has the answer
+
+
+def ask_served_model(settings: dict[str, str], job: Any, base: str, timeout: float = 900) -> None:
+    """The hosted API script's last step: chat.completions with the fine-tuned model, answered
+    by vLLM once the operator serves it; the base model's answer beside it."""
+    from openai import APIStatusError, OpenAI  # noqa: PLC0415
+
+    step(f"client.chat.completions.create(model={job.fine_tuned_model!r}, ...): vLLM serves it")
+    client = OpenAI(base_url=settings["OPENAI_BASE_URL"], api_key=settings["OPENAI_API_KEY"])
+    deadline, said, started = time.monotonic() + timeout, "", time.monotonic()
+    answers: dict[str, str] = {}
+    for model in (job.fine_tuned_model, base):
+        while model not in answers:
+            try:
+                reply = client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": QUESTION}],
+                    max_tokens=24,
+                    temperature=0,
+                )
+                answers[model] = (reply.choices[0].message.content or "").strip()
+            except APIStatusError as err:  # not served yet: the message says why
+                if time.monotonic() > deadline or err.status_code not in (409, 503):
+                    raise SystemExit(f"demo: {model} is not served: {err.message}") from None
+                if err.message != said:
+                    print(f"  ({time.monotonic() - started:.0f} s) {err.message}", flush=True)
+                    said = err.message
+                time.sleep(5)
+    print(f"served after {time.monotonic() - started:.0f} s\n\nQ: {QUESTION}")
+    width = max(len(base) + 5, len("fine-tuned"))
+    for label, model in ((f"base {base}", base), ("fine-tuned", job.fine_tuned_model)):
+        # The random-init base model often ends its answer at once.
+        print(f"{label:<{width}} | {answers[model] or '(an empty answer)'}")
+
+
 def main() -> None:
     started = time.monotonic()
     env = s3_env()
@@ -302,7 +353,8 @@ def main() -> None:
     report(ftj, env)
     settings = openai_key()
     job_id = run_openai_quickstart(settings, DEV / "openai-demo")
-    follow_openai_job(settings, job_id)
+    job = follow_openai_job(settings, job_id)
+    ask_served_model(settings, job, base=job.model)
     print(f"\ndemo: done in {time.monotonic() - started:.0f} s. Try: "
           f"KUBECONFIG={DEV / 'kubeconfig'} {DEV / 'bin/kubectl'} get ftj -A; or "
           "set -a; . .dev/openai.env; set +a; python examples/openai/finetune.py "
