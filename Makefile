@@ -41,16 +41,17 @@ endif
 
 venv: $(VENV)/.installed
 
-# One hashed lock per install set, all from pyproject.toml's ranges: requirements/dev.txt (.venv),
-# operator.txt and trainer.txt (the images), the image locks constrained to the dev lock's pins so
-# the images run what the tests ran. Universal (Python 3.11-3.13, any platform: the CUDA image has
-# Python 3.12), one version per package where possible. Existing pins are kept unless the ranges
-# force a change; to update: make lock LOCK_ARGS=--upgrade (or "--upgrade-package transformers").
+# One hashed lock per install set, all from pyproject.toml's ranges: requirements/dev.txt (.venv:
+# every extra), operator.txt and trainer.txt (the images), the image locks constrained to the dev
+# lock's pins so the images run what the tests ran. Universal (Python 3.11-3.13, any platform: the
+# CUDA image has Python 3.12), one version per package where possible. Existing pins are kept
+# unless the ranges force a change; to update: make lock LOCK_ARGS=--upgrade (or
+# LOCK_ARGS="--upgrade-package transformers").
 LOCK_ARGS ?=
 UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
 	--fork-strategy fewest --generate-hashes --quiet $(LOCK_ARGS)
 lock: venv
-	$(UV_COMPILE) --extra operator --extra trainer --extra dev -o requirements/dev.txt
+	$(UV_COMPILE) --all-extras -o requirements/dev.txt
 	$(UV_COMPILE) --extra operator -c requirements/dev.txt -o requirements/operator.txt
 	$(UV_COMPILE) --extra trainer -c requirements/dev.txt -o requirements/trainer.txt
 

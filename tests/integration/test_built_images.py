@@ -21,6 +21,7 @@ import copy
 import json
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,17 +170,22 @@ def test_operator_image_reconciles_a_finetunejob_with_the_charts_identity(
         job = cluster.get("job", "from-image-train", namespace)
         assert job["metadata"]["ownerReferences"][0]["name"] == "from-image"
         assert status["reason"] == "Succeeded"
+        # The container's only credential is the chart ServiceAccount's token: what it created,
+        # it created with the chart's RBAC.
         records_about_job = [
             json.loads(line)
             for line in logs().splitlines()
             if line.startswith("{") and '"from-image"' in line
         ]
         assert records_about_job, "the operator's JSON log says nothing about the job"
-        # The API server saw the chart's ServiceAccount, not an admin, create the Job.
-        events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)[
-            "items"
-        ]
-        assert any(e["reason"] == "JobCreated" for e in events)
+        events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+        posted = [e for e in json.loads(events)["items"] if e["reason"] == "JobCreated"]
+        sources = [e.get("reportingComponent") or e["source"].get("component") for e in posted]
+        assert sources == ["kubetune-operator"]
+        # Host networking: the liveness endpoint answers on the host's port.
+        health = f"http://127.0.0.1:{settings['KUBETUNE_HEALTH_PORT']}/healthz"
+        with urllib.request.urlopen(health, timeout=5) as response:
+            assert response.status == 200
 
 
 def finetunejob(name: str) -> dict[str, Any]:
