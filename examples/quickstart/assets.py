@@ -12,6 +12,7 @@ Layout written (and uploaded):
     model/            config.json, model.safetensors, tokenizer files (with a chat template)
     data/chat/train.jsonl, data/chat/validation.jsonl                  ({"messages": [...]})
     data/instruction/train.jsonl, data/instruction/validation.jsonl    (instruction/input/output)
+    data/preference/train.jsonl, data/preference/validation.jsonl      (preference pairs, DPO)
 """
 
 from __future__ import annotations
@@ -69,6 +70,35 @@ def chat_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
         if rng.random() < 0.3:
             messages.insert(0, {"role": "system", "content": "You are the kubetune assistant."})
         records.append({"messages": messages})
+    return records
+
+
+def preference_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Preference pairs in the hosted fine-tuning API's layout (input, preferred_output,
+    non_preferred_output): the chat questions, the right answer preferred over a wrong one (a
+    wrong GPU count, job or method), so a tiny model can learn which to prefer."""
+    rng = random.Random(seed)
+    records = []
+    for chat in chat_records(n, seed):
+        messages = chat["messages"]
+        answer = messages[-1]["content"]
+        words = answer.rstrip(".").split()
+        numbers = [i for i, w in enumerate(words) if w.isdigit()]
+        if numbers:  # a wrong GPU count
+            i = numbers[0]
+            words[i] = str((int(words[i]) + rng.randint(0, 6)) % 8 + 1)
+            wrong = " ".join(words) + "."
+        else:  # "The method X <what X does>.": what another method does
+            method = words[2]
+            other = rng.choice([m for m in _METHODS if m != method])
+            wrong = f"The method {method} {_METHODS[other]}."
+        records.append(
+            {
+                "input": {"messages": messages[:-1]},
+                "preferred_output": [{"role": "assistant", "content": answer}],
+                "non_preferred_output": [{"role": "assistant", "content": wrong}],
+            }
+        )
     return records
 
 
@@ -170,11 +200,18 @@ def write_assets(out: Path, train: int = 400, validation: int = 40, seed: int = 
     write_jsonl(out / "data/chat/validation.jsonl", chat_val)
     write_jsonl(out / "data/instruction/train.jsonl", inst_train)
     write_jsonl(out / "data/instruction/validation.jsonl", inst_val)
+    write_preference_data(out, train, validation, seed)
     tokenizer = build_tokenizer(_texts([*chat_train, *inst_train]))
     model = build_model(tokenizer, seed=seed)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return out
+
+
+def write_preference_data(out: Path, train: int = 400, validation: int = 40, seed: int = 0) -> None:
+    """The DPO example's pairs (examples/dpo.yaml); same questions as the chat data."""
+    write_jsonl(out / "data/preference/train.jsonl", preference_records(train, seed + 2))
+    write_jsonl(out / "data/preference/validation.jsonl", preference_records(validation, seed + 3))
 
 
 def s3_client(env: dict[str, str] | None = None) -> Any:

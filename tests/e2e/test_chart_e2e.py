@@ -312,6 +312,83 @@ def test_queued_job_waits_for_kueue_quota_with_the_reason_then_trains(installed:
             cluster.kubectl("delete", kind, name, "-n", NAMESPACE, "--timeout=60s", check=False)
 
 
+def watch_field(cluster: Cluster, name: str, jsonpath: str) -> tuple[Callable[[], None], list[str]]:
+    """Record every distinct non-empty value of a status field while the job runs (a watch)."""
+    watch = subprocess.Popen(
+        [str(cluster.bin / "kubectl"), "--kubeconfig", str(cluster.kubeconfig), "get", "ftj",
+         name, "-n", NAMESPACE, "--watch", "-o", f"jsonpath={{{jsonpath}}}{{\"\\n\"}}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    seen: list[str] = []
+
+    def read() -> None:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            if line.strip() and (not seen or seen[-1] != line.strip()):
+                seen.append(line.strip())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def stop() -> None:
+        watch.terminate()
+        watch.wait(10)
+        reader.join(10)
+
+    return stop, seen
+
+
+def test_qlora_sft_trains_on_the_cpu_cluster_and_publishes_only_the_adapter(
+    installed: Cluster,
+) -> None:
+    manifest = apply_example(installed, "qlora.yaml", **{
+        "metadata.name": "e2e-qlora", "spec.output.uri": "s3://kubetune/e2e/qlora/",
+    })  # fmt: skip
+    wait_condition(installed, "e2e-qlora", "Succeeded", 600)
+    status = installed.get("ftj", "e2e-qlora", NAMESPACE)["status"]
+    assert status["metrics"]["evalLoss"] < status["metrics"]["baseEvalLoss"]
+    assert "qlora" in status["estimate"]["basis"] and "4-bit weights" in status["estimate"]["basis"]
+    assert status["output"]["adapterUri"] == "s3://kubetune/e2e/qlora"
+    sums = verify_outputs(installed, manifest["spec"]["output"]["uri"])
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(sums)
+    assert "model.safetensors" not in sums  # the 4-bit base is never published
+
+
+def test_dpo_job_reports_rewards_live_and_beats_the_base_models_preferences(
+    installed: Cluster,
+) -> None:
+    manifest = apply_example(installed, "dpo.yaml", **{
+        "metadata.name": "e2e-dpo", "spec.output.uri": "s3://kubetune/e2e/dpo/",
+    })  # fmt: skip
+    fields = ".status.stage},{.status.metrics.rewardMargin},{.status.metrics.preferenceAccuracy"
+    stop_watch, seen = watch_field(installed, "e2e-dpo", fields)
+    try:
+        wait_condition(installed, "e2e-dpo", "Succeeded", 600)
+    finally:
+        stop_watch()
+    status = installed.get("ftj", "e2e-dpo", NAMESPACE)["status"]
+    metrics = status["metrics"]
+    # Live: the training rewards were in the status before the final evaluation's results (the
+    # reporter sends every 10 s and on each stage change, so a fast run may show them once).
+    live = [line.split(",") for line in seen]
+    assert any(margin and not accuracy for _, margin, accuracy in live), seen
+    assert {"rewardChosen", "rewardRejected", "rewardMargin", "rewardAccuracy"} <= set(metrics)
+    # At the end, on the held-out pairs: the fine-tuned adapter prefers the chosen answers more
+    # often than the base model, and its DPO loss is below the reference's ln 2.
+    assert metrics["preferenceAccuracy"] > metrics["basePreferenceAccuracy"], metrics
+    assert metrics["evalLoss"] < metrics["baseEvalLoss"] == pytest.approx(0.6931, abs=1e-3)
+    assert metrics["evalRewardAccuracy"] > 0.5 and metrics["evalRewardMargin"] > 0
+    assert "perplexity" not in metrics  # exp(DPO loss) is no perplexity
+    assert "dpo" in status["estimate"]["basis"]
+    sums = verify_outputs(installed, manifest["spec"]["output"]["uri"])
+    assert {"adapter_model.safetensors", "adapter_config.json", "eval_report.md"} <= set(sums)
+    s3 = s3_client(installed)
+    log = s3.get_object(Bucket="kubetune", Key="e2e/dpo/.kubetune/metrics.jsonl")["Body"].read()
+    records = [json.loads(line) for line in log.decode().splitlines()]
+    assert "reward_accuracy" in records[0] and records[-1]["type"] == "eval"
+    assert records[-1]["preference_accuracy"] == metrics["preferenceAccuracy"]
+
+
 def test_helm_uninstall_leaves_the_cluster_clean_but_keeps_crds(installed: Cluster) -> None:
     # Runs last in this module (pytest keeps file order).
     cluster = installed

@@ -19,7 +19,7 @@ from localenv.testing import Cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ["s3_pull.py", "trainer_throughput.py", "gpu_throughput.py"]
+SCRIPTS = ["s3_pull.py", "trainer_throughput.py", "gpu_throughput.py", "dpo_throughput.py"]
 # The test machine is small and shared: one thread per process.
 THREADS = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -106,6 +106,27 @@ def test_trainer_throughput_quick(cluster: Cluster, tmp_path: Path) -> None:
     check = doc["packing_isolation"]
     assert check["abs_difference"] < 1e-3, check
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_dpo_throughput_quick(cluster: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "dpo.json"
+    run(
+        "dpo_throughput.py",
+        *("--quick", "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(out)),
+        env=cluster.env(),
+    )
+    doc = json.loads(out.read_text())
+    check_device(doc)
+    rows = doc["results"]
+    assert set(rows) == {"kubetune", "kubetune_unpacked", "trl"}
+    for name, row in rows.items():
+        for key in ("useful_tokens_per_s", "peak_rss_bytes", "useful_tokens", "steps"):
+            assert positive(row[key]), (name, key, row)
+    # The same pairs, the same useful tokens, whatever the batching.
+    assert len({row["useful_tokens"] for row in rows.values()}) == 1, rows
+    assert rows["trl"]["speedup_vs_trl"] == 1.0
 
 
 @pytest.mark.slow
