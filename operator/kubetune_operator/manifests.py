@@ -473,6 +473,8 @@ def job(t: Target, settings: OperatorSettings) -> Body:
         "containers": [container],
         "volumes": volumes,
     }
+    if settings.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
     compute = spec.resources
     if compute.node_selector:
         pod_spec["nodeSelector"] = dict(compute.node_selector)

@@ -221,9 +221,11 @@ def pod_template(plan: ServerPlan, port: int, settings: OperatorSettings) -> Bod
         {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
         *({"name": e.name, "value": e.value} for e in settings.serving_env),
     ]
+    pull_secrets = [{"name": name} for name in settings.image_pull_secrets]
     return {
         "metadata": {"labels": labels(plan)},
         "spec": {
+            **({"imagePullSecrets": pull_secrets} if pull_secrets else {}),
             "serviceAccountName": plan.name,
             "automountServiceAccountToken": True,  # the agent reads and writes its ConfigMaps
             "enableServiceLinks": False,

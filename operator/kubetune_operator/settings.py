@@ -58,6 +58,13 @@ class OperatorSettings(BaseModel):
         description="Trainer image for FineTuneJobs without spec.image.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = Field(
+        default=(),
+        description=(
+            "Secrets (comma-separated names, in each job's namespace) for pulling the trainer "
+            "and vLLM images from a private registry: the pods' imagePullSecrets."
+        ),
+    )
     trainer_command: tuple[str, ...] = Field(
         default=("kubetune-trainer", "--config"),
         min_length=1,
@@ -189,6 +196,14 @@ class OperatorSettings(BaseModel):
             raise ValueError(f"not namespace names: {', '.join(bad)}")
         return value
 
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _secret_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [name for name in value if not re.fullmatch(DNS_SUBDOMAIN_PATTERN, name)]
+        if bad:
+            raise ValueError(f"not Secret names: {', '.join(bad)}")
+        return value
+
     @field_validator("peering_name")
     @classmethod
     def _peering_name(cls, value: str) -> str:
@@ -239,7 +254,7 @@ _JSON_FIELDS = frozenset(
         "serving_agent_command",
     }
 )
-_LIST_FIELDS = frozenset({"namespaces"})
+_LIST_FIELDS = frozenset({"namespaces", "image_pull_secrets"})
 
 
 def env_name(field: str) -> str:

@@ -529,3 +529,17 @@ def test_several_gpus_run_one_trainer_process_per_gpu(gpus: int) -> None:
                                "--no-python"]  # fmt: skip
     else:
         assert command == ["kubetune-trainer", "--config", CONFIG_PATH]
+
+
+def test_image_pull_secrets_reach_training_and_serving_pods() -> None:
+    from kubetune_operator import serving, serving_manifests  # noqa: PLC0415
+
+    settings = OperatorSettings(image_pull_secrets=("regcred", "mirror"))
+    pod = manifests.job(target(), settings)["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "imagePullSecrets" not in manifests.job(target(), SETTINGS)["spec"]["template"]["spec"]
+    ftj = served(serving={"enabled": True}, status={"phase": "Succeeded"})
+    jobs = serving.assess_jobs(NAMESPACE, [ftj], settings)
+    (plan,) = serving.plan_servers(jobs, {ftj["metadata"]["name"]: ftj}).values()
+    server_pod = serving_manifests.deployment(plan, 8000, settings)["spec"]["template"]["spec"]
+    assert server_pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
