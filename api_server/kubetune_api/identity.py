@@ -48,8 +48,12 @@ class Caller:
         return hashlib.sha256(self.token.encode()).hexdigest()
 
 
-class _TtlCache:
-    def __init__(self) -> None:
+class TtlCache:
+    """Answers kept for `seconds`, at most _CACHE_LIMIT of them (then the expired, or all,
+    are dropped)."""
+
+    def __init__(self, seconds: float = CACHE_SECONDS) -> None:
+        self.seconds = seconds
         self._items: dict[tuple[str, ...], tuple[float, object]] = {}
 
     def get(self, key: tuple[str, ...]) -> object | None:
@@ -64,7 +68,10 @@ class _TtlCache:
             self._items = {k: v for k, v in self._items.items() if v[0] >= now}
             if len(self._items) >= _CACHE_LIMIT:
                 self._items.clear()
-        self._items[key] = (time.monotonic() + CACHE_SECONDS, value)
+        self._items[key] = (time.monotonic() + self.seconds, value)
+
+    def drop(self, key: tuple[str, ...]) -> None:
+        self._items.pop(key, None)
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -86,8 +93,8 @@ def token_namespace(username: str) -> str | None:
 class Identity:
     def __init__(self, kube: Kube) -> None:
         self.kube = kube
-        self._users = _TtlCache()
-        self._decisions = _TtlCache()
+        self._users = TtlCache()
+        self._decisions = TtlCache()
 
     async def username(self, token: str) -> str:
         key = (hashlib.sha256(token.encode()).hexdigest(),)

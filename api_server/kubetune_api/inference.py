@@ -5,7 +5,11 @@ catalogue base model, a fine-tuned model `ft:<base>:<namespace>:<suffix>:<job>` 
 namespace, or that FineTuneJob's plain name (as vLLM itself calls the adapter). The FineTuneJob
 reads are made with the caller's token, so RBAC decides exactly as for the fine-tuning routes:
 `get` on FineTuneJobs for a fine-tuned model, `list` for a base model (routing.py says which
-job's server holds it).
+job's server holds it). A route found is kept ROUTE_CACHE_SECONDS per token, namespace and model
+(by the token's SHA-256, as identity.py does): a chat session then costs the Kubernetes API
+server one read every few seconds, not one per request. A revoked right, or a model moved to
+another server, is seen within that time; a route that fails (server unreachable, model unknown
+to vLLM) is dropped at once, and a model that is not served is never cached.
 
 The body goes to `<endpoint>/chat/completions` (or `/completions`) with `model` replaced by the
 name vLLM serves it under, and nothing else changed; the caller's token is not forwarded. The
@@ -31,7 +35,7 @@ from aiohttp import web
 from kubetune_api import routing
 from kubetune_api.context import Context
 from kubetune_api.errors import ApiError
-from kubetune_api.identity import Caller
+from kubetune_api.identity import Caller, TtlCache
 from kubetune_api.jobs import JobView, job_status
 from kubetune_api.models import Models
 from kubetune_api.routing import Route
@@ -42,6 +46,9 @@ log = logging.getLogger(__name__)
 Kind = Literal["chat/completions", "completions"]
 _JOB_NAME: Final = re.compile(DNS_SUBDOMAIN_PATTERN)
 _CONNECT_TIMEOUT: Final = 10.0
+ROUTE_CACHE_SECONDS: Final = 5.0
+# Failures that may mean status.serving has changed since the route was cached.
+_STALE: Final = frozenset({"model_server_unreachable", "model_not_found", "model_server_error"})
 _STREAM_HEADERS: Final = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -82,6 +89,7 @@ class Inference:
         self.context = context
         self.models = models
         self._session: aiohttp.ClientSession | None = None
+        self._routes = TtlCache(ROUTE_CACHE_SECONDS)
 
     async def start(self) -> None:
         timeout = self.context.settings.inference_timeout
@@ -117,11 +125,18 @@ class Inference:
         return job
 
     async def route(self, caller: Caller, model: str) -> Route:
+        key = (caller.key, caller.namespace, model)
+        cached = self._routes.get(key)
+        if isinstance(cached, Route):
+            return cached
         base = self.context.models.get(model)
         if base is not None:
             jobs = await self.context.list_jobs(caller)
-            return routing.base_route(jobs, base, caller.namespace)
-        return routing.job_route(await self._job(caller, model), model)
+            found = routing.base_route(jobs, base, caller.namespace)
+        else:
+            found = routing.job_route(await self._job(caller, model), model)
+        self._routes.put(key, found)
+        return found
 
     # ----------------------------------------------------------------------- forwarding
 
@@ -129,7 +144,12 @@ class Inference:
         self, request: web.Request, caller: Caller, body: Any, kind: Kind
     ) -> web.StreamResponse:
         route = await self.route(caller, routing.requested_model(body))
-        return await self.relay(request, route, body, kind)
+        try:
+            return await self.relay(request, route, body, kind)
+        except ApiError as err:
+            if err.code in _STALE:  # look again next time: the operator may have moved it
+                self._routes.drop((caller.key, caller.namespace, route.requested))
+            raise
 
     async def relay(
         self, request: web.Request, route: Route, body: dict[str, Any], kind: Kind
