@@ -124,3 +124,32 @@ def test_shapes_from_other_config_layouts() -> None:
     assert multimodal.total_params == 6_738_415_616
     with pytest.raises(ValueError, match="hidden_size"):
         ModelShape.from_config({"vocab_size": 10})
+
+
+def test_dpo_doubles_the_tokens_and_counts_the_full_reference(llama7b: ModelShape) -> None:
+    shape = {"batch_size": 4, "seq_length": 512, "gradient_checkpointing": True}
+    sft = estimate_memory(llama7b, method="lora", **shape)
+    dpo = estimate_memory(llama7b, method="lora", dpo_pairs=10_000, **shape)
+    # Both answers of each pair in the micro-batch: twice the activations and logits.
+    assert dpo.activations == pytest.approx(2 * sft.activations, rel=1e-6)
+    assert dpo.logits == pytest.approx(2 * sft.logits, rel=1e-6)
+    assert dpo.weights == sft.weights and dpo.reference == 0  # the adapter off: no copy
+    assert "reference (adapter off) 0 GB" in dpo.basis and "x 2 answers" in dpo.basis
+    full = estimate_memory(llama7b, method="full", dpo_pairs=10_000, **shape)
+    assert full.reference == 8 * 10_000  # two fp32 log-probabilities per pair, precomputed
+    assert "reference log-probs" in full.basis
+
+
+def test_on_cpu_the_estimate_is_fp32_plus_the_process_before_loading(
+    llama7b: ModelShape,
+) -> None:
+    shape = {"batch_size": 4, "seq_length": 512, "gradient_checkpointing": False}
+    gpu = estimate_memory(llama7b, method="lora", **shape)
+    cpu = estimate_memory(llama7b, method="lora", dtype_bytes=4, overhead=700 * 2**20,
+                          overhead_label="process before loading the model", **shape)  # fmt: skip
+    assert cpu.weights == pytest.approx(2 * gpu.weights, rel=1e-6)  # fp32, not bf16
+    assert cpu.activations == pytest.approx(2 * gpu.activations, rel=1e-3)
+    assert cpu.overhead == 700 * 2**20
+    assert cpu.basis.endswith("in the process") and "fp32 weights" in cpu.basis
+    qlora = estimate_memory(llama7b, method="qlora", dtype_bytes=4, **shape)
+    assert qlora.weights < cpu.weights / 4
