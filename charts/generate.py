@@ -92,6 +92,7 @@ EXTRA: dict[str, dict[str, Any]] = {
         "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
     },
     "apiServer.maxUploadBytes": {"minimum": 1},
+    "apiServer.inferenceTimeout": {"exclusiveMinimum": 0},
     "apiServer.logFormat": {"enum": ["text", "json"]},
     "apiServer.logLevel": {"enum": ["debug", "info", "warning"]},
     "apiServer.tolerations": {"items": {"type": "object"}},

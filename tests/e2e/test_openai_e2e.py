@@ -74,6 +74,8 @@ def installed(cluster: Cluster) -> Iterator[int]:
         "--set", f"operator.metricsPort={metrics}", "--set", f"metrics.service.port={metrics}",
         "--set", f"operator.healthPort={health}", "--set", f"apiServer.port={api}",
         "--set", f"apiServer.storage.prefix={PREFIX}",
+        # Its jobs are not served here (tests/e2e/test_serving_e2e.py serves): no vLLM server.
+        "--set", "apiServer.models[0].spec.serving.enabled=false",
         "--wait", "--timeout", "3m",
     )  # fmt: skip
     yield api
