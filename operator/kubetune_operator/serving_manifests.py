@@ -27,6 +27,7 @@ from kubetune_operator.manifests import (
 from kubetune_operator.serving import SERVICE_PORT, ServerPlan
 from kubetune_operator.settings import MANAGED_BY, MANAGED_BY_LABEL, OperatorSettings
 from kubetune_trainer.api import API_VERSION, KIND
+from kubetune_trainer.config import PVC_ROOT
 from kubetune_trainer.serving import (
     ADAPTERS_DIR,
     BASE_MODEL_DIR,
@@ -210,6 +211,18 @@ def pod_template(plan: ServerPlan, port: int, settings: OperatorSettings) -> Bod
     ]
     models_mount = {"name": "models", "mountPath": MODELS_DIR}
     tmp_mount = {"name": "tmp", "mountPath": "/tmp"}
+    # A pvc:// model is used in place (fetch-model links /models/base to it): vLLM mounts the
+    # claim read-only at the same path as the init container.
+    claim_volumes: list[Body] = []
+    claim_mounts: list[Body] = []
+    if key.model_uri.startswith("pvc://"):
+        claim = key.model_uri.removeprefix("pvc://").split("/", 1)[0]
+        claim_volumes = [
+            {"name": "model-claim",
+             "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        ]  # fmt: skip
+        claim_mounts = [{"name": "model-claim", "mountPath": f"{PVC_ROOT}/{claim}",
+                         "readOnly": True}]  # fmt: skip
     fetch = [*settings.serving_agent_command, "fetch-model", "--uri", key.model_uri,
              "--dest", BASE_MODEL_DIR]  # fmt: skip
     if key.revision:
@@ -243,7 +256,7 @@ def pod_template(plan: ServerPlan, port: int, settings: OperatorSettings) -> Bod
                     "imagePullPolicy": settings.image_pull_policy,
                     "command": fetch,
                     "env": storage,
-                    "volumeMounts": [models_mount, tmp_mount],
+                    "volumeMounts": [models_mount, tmp_mount, *claim_mounts],
                     "securityContext": _CONTAINER_SECURITY,
                     "terminationMessagePolicy": "FallbackToLogsOnError",
                 }
@@ -266,6 +279,7 @@ def pod_template(plan: ServerPlan, port: int, settings: OperatorSettings) -> Bod
                         {**models_mount, "readOnly": True},
                         tmp_mount,
                         {"name": "shm", "mountPath": "/dev/shm"},
+                        *claim_mounts,
                     ],
                     "securityContext": _CONTAINER_SECURITY,
                     "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -297,6 +311,7 @@ def pod_template(plan: ServerPlan, port: int, settings: OperatorSettings) -> Bod
                 {"name": "models", "emptyDir": {"sizeLimit": spec.resources.scratch_size}},
                 {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
                 {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE_LIMIT}},
+                *claim_volumes,
             ],
         },
     }

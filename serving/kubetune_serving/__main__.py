@@ -82,8 +82,10 @@ def fetch_model(uri: str, dest: Path, revision: str | None, verify: bool) -> str
     """The base model, or a full fine-tune's output checked against its SHA256SUMS, at `dest`.
 
     s3:// is downloaded into `dest` (a directory the agent may create and replace, not a mount
-    point). pvc://, hf:// and local paths are used in place: `dest` becomes a symbolic link to
-    them, so the vLLM container must mount the same volume at the same path."""
+    point). hf:// (the offline Hugging Face cache of this image, which vLLM's image does not
+    have) is copied there. pvc:// and local paths are used in place: `dest` becomes a symbolic
+    link to them, so the vLLM container mounts the same volume at the same path (the operator
+    mounts a pvc:// claim read-only at /mnt/pvc/<claim> in both)."""
     storage = Storage(storage_config(os.environ), use_cache=False)
     if uri_scheme(uri) == "s3":
         if not verify:
@@ -106,6 +108,10 @@ def fetch_model(uri: str, dest: Path, revision: str | None, verify: bool) -> str
     elif dest.is_dir():
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if uri_scheme(uri) == "hf":
+        # The cache's snapshot files are links to its blobs: copy what they point to.
+        shutil.copytree(source, dest, symlinks=False)
+        return f"copied {uri} ({source}) to {dest}{checked}"
     dest.symlink_to(source, target_is_directory=True)
     return f"{dest} links to {source} ({uri}){checked}"
 

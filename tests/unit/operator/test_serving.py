@@ -179,3 +179,15 @@ def test_a_gate_that_refuses_and_a_rank_above_the_maximum_are_not_served() -> No
     assert (result.phase, result.reason) == ("NotServed", "AdapterRankTooLarge")
     assert "rank 128 is above the servers' maximum 64" in result.message
     assert plans(wide) == {}
+
+
+def test_a_pvc_base_model_is_mounted_read_only_where_fetch_model_links_it() -> None:
+    ftj = job("p", "uid-p", baseModel={"uri": "pvc://models/llama-3"})
+    (plan,) = plans(ftj).values()
+    pod = sm.deployment(plan, 8000, SETTINGS)["spec"]["template"]["spec"]
+    (claim,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claim["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    init, vllm = pod["initContainers"][0], pod["containers"][0]
+    for container in (init, vllm):
+        mount = next(m for m in container["volumeMounts"] if m["name"] == claim["name"])
+        assert mount == {"name": claim["name"], "mountPath": "/mnt/pvc/models", "readOnly": True}

@@ -156,3 +156,28 @@ def test_the_agent_imports_no_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_fetch_model_copies_a_model_of_the_offline_hugging_face_cache(tmp_path: Path) -> None:
+    """hf:// is this image's cache, which vLLM's image does not have: a copy, not a link."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    blob = repo / "blobs" / "abc"
+    blob.parent.mkdir(parents=True)
+    blob.write_text('{"model_type": "llama"}')
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    dest = tmp_path / "models" / "base"
+    env_cache = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetune_serving", "fetch-model", "--uri", "hf://org/tiny",
+         "--dest", str(dest)],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith(("KUBETUNE_", "AWS_"))},
+             **env_cache, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "log")},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not dest.is_symlink() and not (dest / "config.json").is_symlink()
+    assert (dest / "config.json").read_text() == '{"model_type": "llama"}'
