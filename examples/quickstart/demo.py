@@ -113,7 +113,7 @@ def install_chart(env: dict[str, str], *sets: str) -> None:
     # The API server's own S3 keys: the same Secret, in the release namespace.
     create_secret(env, OPERATOR_NAMESPACE)
     run(
-        str(DEV / "bin/helm"), "upgrade", "--install", "kubetune", str(ROOT / "charts/kubetune"),
+        str(helm()), "upgrade", "--install", "kubetune", str(ROOT / "charts/kubetune"),
         "--kubeconfig", str(DEV / "kubeconfig"),
         "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
         "--values", str(ROOT / "examples/quickstart/local-values.yaml"),
@@ -123,6 +123,16 @@ def install_chart(env: dict[str, str], *sets: str) -> None:
         "--wait", "--timeout", "3m",
     )  # fmt: skip
     print(kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide").rstrip())
+
+
+def helm() -> Path:
+    """.dev/bin/helm, built from its Go module the first time (a few minutes, then cached;
+    `make cluster-up` does not build it: tests/localenv/build-binaries.sh)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from localenv.cluster import build_binaries  # noqa: PLC0415 - the local environment's tooling
+
+    build_binaries("helm")
+    return DEV / "bin/helm"
 
 
 def vllm_command() -> list[str]:

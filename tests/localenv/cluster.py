@@ -4,7 +4,8 @@
     python tests/localenv/cluster.py down    # stop everything and forget the cluster's state
     python tests/localenv/cluster.py status
 
-Components (binaries from tests/localenv/build-binaries.sh, all from upstream Go modules):
+Components (binaries from tests/localenv/build-binaries.sh, all from upstream Go modules, each
+built the first time a command needs it: `up` builds these, helm and Kueue wait for their users):
 etcd, kube-apiserver (secure serving, client-certificate auth, Node+RBAC authorization, default
 admission plugins incl. PodSecurity plus NodeRestriction, ServiceAccount token signing),
 kube-controller-manager (all default controllers), kube-scheduler, MinIO, and the *process node*
@@ -60,10 +61,19 @@ PORT_NAMES = (
     "s3",
     "s3_console",
 )
+# What `up` runs; helm is built by the first chart step, Kueue by the first Kueue test.
+CLUSTER_BINARIES = ("kube", "etcd", "minio")
 
 
 def log(message: str) -> None:
     print(f"cluster: {message}", file=sys.stderr, flush=True)
+
+
+def build_binaries(*names: str) -> None:
+    """Build the named binaries the first time (cached after that) and link them into .dev/bin:
+    kube (kubectl too), etcd, minio, helm, kueue (tests/localenv/build-binaries.sh)."""
+    script = ROOT / "tests" / "localenv" / "build-binaries.sh"
+    subprocess.run(["bash", str(script), *names], check=True)
 
 
 # ---------------------------------------------------------------------------- ports and PKI
@@ -455,7 +465,7 @@ def node_ready() -> bool:
 
 def up() -> None:
     started = time.monotonic()
-    subprocess.run(["bash", str(ROOT / "tests" / "localenv" / "build-binaries.sh")], check=True)
+    build_binaries(*CLUSTER_BINARIES)
     ensure_pki()
     if all_running():
         ports = json.loads((DEV / "ports.json").read_text())

@@ -2,8 +2,9 @@
 
 Built by build-binaries.sh from the Go module proxy like the control plane (wrapper module
 tests/localenv/go/kueue), its CRDs and webhook definitions taken from the same module version
-(.dev/kueue/config). It is not part of the always-on local cluster: a test starts it with
-`running_kueue`, which
+(.dev/kueue/config), the first time a test needs it (`make cluster-up` and `make demo` never
+build it). It is not part of the always-on local cluster: a test starts it with `running_kueue`,
+which
 
 * installs Kueue's CRDs (server-side apply; they stay, like any CRD),
 * runs the controller manager as a host process with admin credentials, only the batch/v1 Job
@@ -32,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from localenv.cluster import PKI, issue_certificate
+from localenv.cluster import PKI, build_binaries, issue_certificate
 from localenv.testing import DEV, Cluster, wait_until
 
 CONFIG = DEV / "kueue" / "config"
@@ -131,8 +132,7 @@ def _ready(health_port: int) -> bool:
 
 @contextmanager
 def running_kueue(cluster: Cluster, workdir: Path, timeout: float = 120) -> Iterator[Kueue]:
-    if not (cluster.bin / "kueue").exists() or not CONFIG.is_dir():
-        raise AssertionError("Kueue is not built: run tests/localenv/build-binaries.sh")
+    build_binaries("kueue")  # the first time only: about 9 minutes on 2 cores (tests/conftest.py)
     workdir.mkdir(parents=True, exist_ok=True)
     crds = sorted(str(p) for p in CONFIG.glob("kueue.x-k8s.io_*.yaml"))
     cluster.kubectl(

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from localenv.cluster import build_binaries
+
 ROOT = Path(__file__).resolve().parents[2]
 DEV = ROOT / ".dev"
 T = TypeVar("T")
@@ -29,7 +31,10 @@ class Cluster:
 
     @classmethod
     def up(cls) -> Cluster:
+        """Start the cluster if needed, with helm built too (its users render or install the
+        chart; the first call builds it, a few minutes, then it is cached)."""
         subprocess.run([sys.executable, str(ROOT / "tests/localenv/cluster.py"), "up"], check=True)
+        build_binaries("helm")
         lines = (DEV / "s3.env").read_text().splitlines()
         env = dict(line.split("=", 1) for line in lines if "=" in line)
         return cls(s3_env=env)

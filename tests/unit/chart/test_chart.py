@@ -1,7 +1,7 @@
 """The Helm chart: lint-clean, schema-valid manifests, secure defaults, CRDs identical to crds/.
 
 Uses the real `helm` binary from the local environment (.dev/bin/helm, built by
-tests/localenv/build-binaries.sh; `make test` builds it before the tests run).
+tests/localenv/build-binaries.sh the first time; tests/conftest.py builds it before the tests run).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ KUBE_VERSION = "1.36"
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if not HELM.exists():
-        subprocess.run(["bash", str(ROOT / "tests/localenv/build-binaries.sh")], check=True)
+        subprocess.run(["bash", str(ROOT / "tests/localenv/build-binaries.sh"), "helm"], check=True)
     result = subprocess.run([str(HELM), *args], capture_output=True, text=True, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"helm {' '.join(args)}:\n{result.stderr}")
