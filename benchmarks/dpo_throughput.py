@@ -23,7 +23,8 @@ Useful tokens are the non-padding tokens of both sequences of every pair (prompt
 prompt + rejected); useful tokens/s divides them by the training time only (model loading and
 tokenization excluded). Peak memory: each run's own process peak RSS (CPU; ru_maxrss through
 os.wait4) or torch.cuda.max_memory_allocated (GPU). Every run is its own process, one after the
-other, `--reps` times each in alternation; the median counts. Results: --out (JSON).
+other, `--reps` times each in alternation; the median counts. Results: --out (JSON) and the
+same name with .png (a bar chart).
 """
 
 from __future__ import annotations
@@ -305,6 +306,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": runs,
     }
     benchlib.write_json(args.out, doc)
+    order = ["trl", "kubetune_unpacked", "kubetune"]
+    benchlib.bar_chart(
+        args.out.with_suffix(".png"),
+        ["TRL DPOTrainer (padded)", "kubetune (unpacked)", "kubetune (packed)"],
+        [summary[n]["useful_tokens_per_s"] for n in order],
+        title=f"LoRA DPO, {args.pairs} pairs: useful tokens/s (median of {args.reps})",
+        ylabel="useful tokens/s",
+        footer=f"{benchlib.device_line(doc['device'])}\n{doc['command']}",
+        annotations=[
+            f"{summary[n]['useful_tokens_per_s']:.0f} ({summary[n]['speedup_vs_trl']:.2f}x)\n"
+            f"RSS {summary[n]['peak_rss_bytes'] / 2**20:.0f} MiB"
+            for n in order
+        ],
+    )
     print(json.dumps(summary, indent=1))
     return doc
 
