@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS_DIR = ROOT / "docs" / "benchmarks"
 S3_ENV_FILE = ROOT / ".dev" / "s3.env"
 
-for _extra in (ROOT / "trainer_image", ROOT / "examples" / "quickstart"):
+# tests/: localenv.models, the tiny models and tokenizers the tests build too.
+for _extra in (ROOT / "trainer_image", ROOT / "examples" / "quickstart", ROOT / "tests"):
     if str(_extra) not in sys.path:
         sys.path.insert(0, str(_extra))
 

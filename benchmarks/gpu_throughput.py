@@ -123,9 +123,10 @@ def build_assets(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import trainer_throughput as tt
     from assets import build_tokenizer  # examples/quickstart/assets.py
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from kubetune_trainer.data.templates import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT
+    from localenv import models  # tests/localenv/models.py
 
     shape = TINY if args.tiny else LLAMA_7B
     work = args.work
@@ -144,13 +145,15 @@ def build_assets(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = work / ("model-tiny" if args.tiny else "model-7b")
     marker = model_dir / "config.json"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = LlamaConfig(
-        **shape,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    config = models.llama_config(
+        shape["vocab_size"],
+        hidden=shape["hidden_size"],
+        intermediate=shape["intermediate_size"],
+        layers=shape["num_hidden_layers"],
+        heads=shape["num_attention_heads"],
+        kv_heads=shape["num_key_value_heads"],
+        max_positions=4096,
+        tokenizer=tokenizer,
     )
     t0 = time.perf_counter()
     if not marker.is_file():

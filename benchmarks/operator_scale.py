@@ -67,13 +67,12 @@ from operator_harness import (  # noqa: E402
     OPERATOR_BIN,
     OperatorIdentity,
     OperatorProcess,
-    free_port,
     install_crds,
     install_operator_identity,
     operator_env,
 )
 
-from localenv.testing import DEV, Cluster  # noqa: E402
+from localenv.testing import DEV, Cluster, free_port  # noqa: E402
 
 FTJ_API = "/apis/kubetune.dev/v1alpha1"
 FTJ_LABEL = "kubetune.dev/finetunejob"

@@ -48,14 +48,13 @@ for _extra in (ROOT / "tests", ROOT / "tests" / "integration"):
 import benchlib  # noqa: E402
 from operator_harness import (  # noqa: E402
     OperatorProcess,
-    free_port,
     install_crds,
     install_operator_identity,
     operator_env,
 )
 from vllm_support import VllmServer, build_adapter  # noqa: E402
 
-from localenv.testing import Cluster, wait_until  # noqa: E402
+from localenv.testing import Cluster, free_port, wait_until  # noqa: E402
 from localenv.vllm_env import ensure  # noqa: E402
 
 FAKE_TRAINER = ROOT / "tests" / "integration" / "fake_trainer.py"

@@ -182,14 +182,13 @@ def percentile(values: list[int], q: float) -> float:
 
 def build_assets(work: Path, n_train: int, n_val: int, seed: int, vocab: int) -> dict[str, Any]:
     """Records, tokenizer and the random-init model, written under `work`."""
-    import torch  # noqa: PLC0415
     from assets import build_tokenizer  # noqa: PLC0415  (examples/quickstart/assets.py)
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
 
     from kubetune_trainer.data.templates import (  # noqa: PLC0415
         ALPACA_PROMPT_NO_INPUT,
         ALPACA_PROMPT_WITH_INPUT,
     )
+    from localenv import models  # noqa: PLC0415  (tests/localenv/models.py)
 
     gen = TextGenerator(seed)
     rng = random.Random(seed + 1)
@@ -204,23 +203,11 @@ def build_assets(work: Path, n_train: int, n_val: int, seed: int, vocab: int) ->
             for record in records:
                 f.write(json.dumps(record) + "\n")
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(work / "model")
-    tokenizer.save_pretrained(work / "model")
+    model = models.tiny_llama(
+        len(tokenizer), hidden=256, intermediate=688, layers=4, heads=4, kv_heads=4,
+        tokenizer=tokenizer, seed=seed,
+    )  # fmt: skip
+    models.save_model(model, tokenizer, work / "model")
 
     lengths = [len(tokenizer(classic_text(r, tokenizer.eos_token))["input_ids"]) for r in train]
     return {

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,61 +129,35 @@ def _texts(records: Iterable[dict[str, Any]]) -> Iterator[str]:
             yield from (str(v) for v in record.values())
 
 
+def _models() -> Any:
+    """tests/localenv/models.py: how the project's tests and benchmarks build tiny models."""
+    root = Path(__file__).resolve().parents[2]
+    if str(root / "tests") not in sys.path:
+        sys.path.insert(0, str(root / "tests"))
+    from localenv import models  # noqa: PLC0415 - the local environment's tooling
+
+    return models
+
+
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Any:
     """A byte-level BPE (lossless) with Llama-like BOS, ChatML template, EOS = <|im_end|>."""
-    from tokenizers import (  # noqa: PLC0415  (heavy imports only when building)
-        Tokenizer,
-        decoders,
-        models,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import PreTrainedTokenizerFast  # noqa: PLC0415
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    return _models().build_tokenizer(
+        texts,
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        eos_token="<|im_end|>",
+        chat_template=CHAT_TEMPLATE,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def build_model(
     tokenizer: Any, hidden: int = 128, layers: int = 2, heads: int = 4, seed: int = 0
 ) -> Any:
     """A random-init Llama sized for CPU (about 0.3M parameters at the defaults)."""
-    import torch  # noqa: PLC0415
-    from transformers import LlamaConfig, LlamaForCausalLM  # noqa: PLC0415
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
+    return _models().tiny_llama(
+        len(tokenizer), hidden=hidden, layers=layers, heads=heads, tied=True,
+        tokenizer=tokenizer, seed=seed,
+    )  # fmt: skip
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from localenv.kueue import KUEUE_NAMESPACE_LABEL, Kueue, running_kueue
-from localenv.testing import Cluster, wait_until
+from localenv.testing import Cluster, free_ports, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
@@ -60,16 +59,6 @@ def installed(cluster: Cluster, kueue: Kueue) -> Iterator[Cluster]:
     demo.run(str(cluster.bin / "helm"), "uninstall", "kubetune", "--namespace", RELEASE_NAMESPACE,
              "--kubeconfig", str(cluster.kubeconfig), "--wait", check=False)  # fmt: skip
     cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [int(sock.getsockname()[1]) for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def s3_client(cluster: Cluster) -> Any:

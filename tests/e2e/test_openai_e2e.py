@@ -12,7 +12,6 @@ the job; the test then follows it with the client while the tiny model trains.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from localenv.testing import Cluster
+from localenv.testing import Cluster, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
@@ -35,16 +34,6 @@ RELEASE = "kubetune-openai"
 RELEASE_NAMESPACE = "kubetune-openai-system"
 NAMESPACE = "kubetune-openai-e2e"
 PREFIX = "openai-e2e"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [int(sock.getsockname()[1]) for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def helm(cluster: Cluster, *args: str, check: bool = True) -> str:

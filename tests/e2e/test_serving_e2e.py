@@ -13,7 +13,6 @@ error shape.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 import yaml
 from openai import NotFoundError, OpenAI
 
-from localenv.testing import Cluster, wait_until
+from localenv.testing import Cluster, free_ports, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
@@ -39,16 +38,6 @@ OUT = "s3://kubetune/serving-e2e"
 QUESTION = "What does the method lora do?"
 JOBS = {"alpha": 0.003, "beta": 0.01}  # two adapters of one base: other learning rates
 Obj = dict[str, Any]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [int(sock.getsockname()[1]) for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def helm(cluster: Cluster, *args: str, check: bool = True) -> str:

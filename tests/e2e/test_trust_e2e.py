@@ -14,7 +14,6 @@ process node, the local S3 server.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import uuid
@@ -25,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from localenv.testing import Cluster, wait_until
+from localenv.testing import Cluster, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
@@ -38,12 +37,6 @@ RELEASE_NAMESPACE = "kubetune-trust-system"
 RUN = uuid.uuid4().hex[:8]
 OUT = f"s3://kubetune/trust-e2e/{RUN}"
 Obj = dict[str, Any]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

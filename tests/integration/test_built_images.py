@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_harness import CHART, FAKE_TRAINER, PEERING_LIFETIME, free_port, install_crds
+from operator_harness import CHART, FAKE_TRAINER, PEERING_LIFETIME, install_crds
 from trainer_support import S3, THREAD_ENV, jsonl, records, trainer_config
 from unit.operator.invalid_manifests import VALID_MANIFEST
 
@@ -44,7 +44,7 @@ from localenv.images import (
     build_local_images,
     local_registry,
 )
-from localenv.testing import Cluster, wait_until
+from localenv.testing import Cluster, free_port, wait_until
 
 pytest_plugins = ["trainer_fixtures"]
 # A cold build downloads ~3 GB of wheels and installs them (docs/images.md); the first test

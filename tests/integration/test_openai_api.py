@@ -33,7 +33,6 @@ from openai_support import (
 )
 from operator_harness import (
     OperatorProcess,
-    free_port,
     install_crds,
     install_operator_identity,
     operator_env,
@@ -42,7 +41,7 @@ from operator_harness import (
 from kubetune_trainer.api import StorageConfig
 from kubetune_trainer.storage import Storage
 from kubetune_trainer.training_log import TrainingLog
-from localenv.testing import ROOT, Cluster, wait_until
+from localenv.testing import ROOT, Cluster, free_port, wait_until
 
 pytestmark = pytest.mark.cluster
 

@@ -25,12 +25,12 @@ import openai
 import pytest
 from openai import OpenAI
 from openai_support import ApiServerProcess, api_server_env, install_user_role, user_token
-from operator_harness import free_port, install_crds
+from operator_harness import install_crds
 from trainer_support import build_tiny_model
 from vllm_support import VllmServer, build_adapter
 
 from kubetune_api.inference import ROUTE_CACHE_SECONDS
-from localenv.testing import Cluster, wait_until
+from localenv.testing import Cluster, free_port, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -23,7 +23,6 @@ from operator_harness import (
     OperatorIdentity,
     OperatorProcess,
     PhaseLog,
-    free_port,
     grant_operator,
     install_crds,
     install_operator_identity,
@@ -41,7 +40,7 @@ from unit.operator.invalid_manifests import (
 from kubetune_trainer import exitcodes
 from kubetune_trainer.config import TrainerConfig
 from localenv.kueue import KUEUE_API, KUEUE_NAMESPACE_LABEL, Kueue, running_kueue
-from localenv.testing import Cluster, wait_until
+from localenv.testing import Cluster, free_port, wait_until
 
 pytestmark = pytest.mark.cluster
 

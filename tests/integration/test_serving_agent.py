@@ -20,25 +20,24 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import httpx
 import openai
 import pytest
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from trainer_support import S3, build_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from vllm_support import VllmServer, build_adapter
 
 from kubetune_trainer import exitcodes
 from kubetune_trainer.api import StorageConfig
@@ -52,7 +51,7 @@ from kubetune_trainer.serving import (
     storage_json,
 )
 from kubetune_trainer.storage import MANIFEST_NAME, Storage
-from localenv.testing import DEV, ROOT, Cluster, wait_until
+from localenv.testing import DEV, Cluster, free_port, wait_until
 
 pytest_plugins = ["trainer_fixtures"]
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -84,12 +83,6 @@ def agent_role(server: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def tail(path: Path, lines: int = 40) -> str:
     return (
         "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
@@ -108,21 +101,6 @@ class Assets:
     ranks: dict[str, int]
 
 
-def make_adapter(base_dir: Path, out: Path, rank: int, seed: int, base_uri: str) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(
-        r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"
-    )
-    peft_model = get_peft_model(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # B is zero after init: the adapter would change nothing
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-    save_adapter(peft_model, out, base_uri)  # as the trainer saves it
-    return out
-
-
 @pytest.fixture(scope="module")
 def storage(cluster: Cluster) -> Storage:
     config = StorageConfig(endpoint=cluster.s3_env["AWS_ENDPOINT_URL"])
@@ -138,7 +116,10 @@ def assets(s3: S3, storage: Storage, tmp_path_factory: pytest.TempPathFactory) -
     adapters: dict[str, Path] = {}
     uris: dict[str, str] = {}
     for seed, (name, rank) in enumerate(ranks.items(), start=1):
-        local = make_adapter(base_dir, root / name, rank, seed, base_uri)
+        local = build_adapter(
+            base_dir, root / name, rank, seed, targets=LORA_TARGETS,
+            save=lambda model, out: save_adapter(model, out, base_uri),  # as the trainer saves it
+        )  # fmt: skip
         adapters[name] = local
         uris[name] = s3.uri(f"serving/outputs/{name}/")
         if name == "nosums":  # files without the manifest: an incomplete output
@@ -170,74 +151,6 @@ def reference_ids(assets: Assets, name: str | None) -> tuple[list[int], list[int
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     return prompt, out[0, len(prompt) :].tolist()
-
-
-# ------------------------------------------------------------------------------ vLLM server
-
-
-@dataclass
-class VllmServer:
-    model_dir: Path
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> float:
-        """Start vLLM and wait until /health answers; return the seconds that took."""
-        python = subprocess.run(
-            [sys.executable, str(ROOT / "tests/localenv/vllm_env.py")],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        env = {
-            **os.environ,
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "HF_HUB_OFFLINE": "1",
-        }
-        command = [
-            python, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(self.model_dir), "--served-model-name", SERVED_BASE,
-            "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
-            "--enable-lora", "--max-loras", "2", "--max-lora-rank", str(MAX_LORA_RANK),
-            "--host", "127.0.0.1", "--port", str(self.port),
-        ]  # fmt: skip
-        started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-
-        def healthy() -> bool:
-            assert self.process is not None and self.process.poll() is None, tail(self.log_path)
-            try:
-                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=420, what="vLLM's /health", interval=1)
-        return time.monotonic() - started
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
-
-    def adapters(self) -> dict[str, str]:
-        cards = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"]
-        return {c["id"]: c["root"] for c in cards if c.get("parent")}
 
 
 def agent_env(cluster: Cluster, extra: dict[str, str]) -> dict[str, str]:
@@ -273,9 +186,12 @@ def vllm(
     assert fetched.returncode == 0, fetched.stderr
     TIMINGS["fetch_model_s"] = time.monotonic() - started
     assert (models_dir / "base" / "config.json").is_file()
-    server = VllmServer(models_dir / "base", tmp_path_factory.mktemp("vllm") / "vllm.log")
+    server = VllmServer(
+        models_dir / "base", SERVED_BASE, free_port(), tmp_path_factory.mktemp("vllm") / "vllm.log",
+        max_lora_rank=MAX_LORA_RANK, max_loras=2,
+    )  # fmt: skip
     try:
-        TIMINGS["vllm_start_to_ready_s"] = server.start()
+        TIMINGS["vllm_start_to_ready_s"] = server.start().startup_s
         yield server
     finally:
         server.stop()
@@ -597,7 +513,7 @@ def test_adapters_are_reloaded_after_vllm_restarts(
     state = agent.state()
     assert state is not None and state.adapters["bob"].state == "Loading"
     assert "vLLM is not ready" in state.message
-    TIMINGS["vllm_restart_to_ready_s"] = vllm.start()
+    TIMINGS["vllm_restart_to_ready_s"] = vllm.start().startup_s
     started = time.monotonic()
     agent.wait_for("bob reloaded", bob="Loaded")
     TIMINGS["reload_after_restart_s"] = time.monotonic() - started

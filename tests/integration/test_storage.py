@@ -42,7 +42,7 @@ from kubetune_trainer.storage import (
     verify_manifest,
     write_manifest,
 )
-from localenv.testing import Cluster
+from localenv.testing import Cluster, free_port
 
 pytestmark = pytest.mark.cluster
 
@@ -438,18 +438,12 @@ def test_checkpoints_publish_resume_and_prune(
 # ------------------------------------------------------------------------- retries and outages
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class _LateProxy:
     """A TCP forwarder to the real S3 server that starts listening only after `delay`
     seconds: the store is unreachable (connection refused) until then."""
 
     def __init__(self, target: str, delay: float) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         host, port = target.removeprefix("http://").split(":")
         self.target = (host, int(port))
         self.stop = threading.Event()
@@ -490,7 +484,7 @@ class _LateProxy:
 def test_an_unreachable_store_is_retried_for_the_retry_timeout_then_reported(
     base: str, make_storage: Callable[..., Storage], tmp_path: Path, caplog: Any
 ) -> None:
-    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens
     storage = make_storage(StorageConfig(endpoint=endpoint), max_attempts=1, retry_seconds=4)
     started = time.monotonic()
     with caplog.at_level(logging.WARNING), pytest.raises(StorageError) as info:

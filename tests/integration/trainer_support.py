@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from localenv import models
 
 WORDS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -120,9 +118,8 @@ def jsonl(rows: list[dict[str, Any]]) -> str:
 
 
 def build_tokenizer() -> Any:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    """The integration tests' tokenizer: a byte-level BPE of vocabulary 1,000 trained on the
+    counting task and the prompt templates, EOS `</s>`, CHAT_TEMPLATE."""
     corpus = [prompt + completion for prompt, completion in counting_pairs(200, 1)]
     corpus += [
         "Below is an instruction that describes a task, paired with an input that provides "
@@ -130,22 +127,13 @@ def build_tokenizer() -> Any:
         "### Instruction:\nContinue counting.\n\n### Input:\n\n\n### Response:\n",
         "User: count:\nAssistant: ",
     ] * 20
-    trainer = trainers.BpeTrainer(
+    return models.build_tokenizer(
+        corpus,
         vocab_size=1000,
         special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        eos_token="</s>",
+        chat_template=CHAT_TEMPLATE,
     )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def build_tiny_model(directory: Path, *, heads: int = 4) -> Path:
@@ -153,24 +141,10 @@ def build_tiny_model(directory: Path, *, heads: int = 4) -> Path:
 
     `heads=2` gives head_dim 32, the smallest vLLM's CPU attention runs (the serving tests)."""
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    model = models.tiny_llama(
+        len(tokenizer), hidden=64, heads=heads, max_positions=512, tokenizer=tokenizer, seed=1234
     )
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return models.save_model(model, tokenizer, directory)
 
 
 @dataclass

@@ -21,7 +21,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -34,7 +33,7 @@ from typing import Any
 import yaml
 
 from localenv.cluster import PKI, build_binaries, issue_certificate
-from localenv.testing import DEV, Cluster, wait_until
+from localenv.testing import DEV, Cluster, free_ports, wait_until
 
 CONFIG = DEV / "kueue" / "config"
 KUEUE_API = "kueue.x-k8s.io/v1beta2"
@@ -63,12 +62,6 @@ class Kueue:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _serving_cert(workdir: Path) -> Path:
@@ -142,7 +135,7 @@ def running_kueue(cluster: Cluster, workdir: Path, timeout: float = 120) -> Iter
         cluster.kubectl(
             "wait", "--for=condition=Established", f"crd/{crd}.kueue.x-k8s.io", "--timeout=60s"
         )
-    webhook_port, health_port = _free_port(), _free_port()
+    webhook_port, health_port = free_ports(2)
     config = workdir / "kueue-config.yaml"
     certs = _serving_cert(workdir)
     config.write_text(yaml.safe_dump(_configuration(certs, webhook_port, health_port)))

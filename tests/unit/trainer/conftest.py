@@ -7,12 +7,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+
+from localenv import models
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 # The test models are tiny: extra intra-op threads only add OpenMP spin/wake-up overhead
 # (about 100x slower per forward pass on a loaded 2-core machine).
@@ -55,34 +58,13 @@ def _sentences(n: int, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="session")
 def raw_tokenizer() -> Tokenizer:
     """Byte-level BPE (lossless round trip) trained on generated text; adds <s> like Llama."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_sentences(400), trainer=trainer)
-    bos_id = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-    )
-    return tok
+    return models.train_bpe(_sentences(400), vocab_size=400, special_tokens=SPECIAL_TOKENS)
 
 
 @pytest.fixture
 def make_tokenizer(raw_tokenizer: Tokenizer) -> Callable[[str | None], PreTrainedTokenizerFast]:
     def make(chat_template: str | None = None) -> PreTrainedTokenizerFast:
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=raw_tokenizer,
-            bos_token="<s>",
-            eos_token="</s>",
-            pad_token="<pad>",
-        )
-        tokenizer.chat_template = chat_template
-        return tokenizer
+        return models.as_transformers(raw_tokenizer, eos_token="</s>", chat_template=chat_template)
 
     return make
 

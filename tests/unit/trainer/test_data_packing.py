@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kubetune_trainer.data.packing import (
     batch_rows,
@@ -18,9 +17,10 @@ from kubetune_trainer.data.packing import (
     packing_efficiency,
 )
 from kubetune_trainer.data.tokenize import IGNORE_INDEX, Example
+from localenv import models
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 PAD = 2
 X = IGNORE_INDEX
@@ -38,18 +38,9 @@ def make_examples(vocab_size: int, lengths: list[int], seed: int = 0) -> list[Ex
 
 
 def tiny_llama(vocab_size: int, attn: str = "sdpa") -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation=attn,
-    )
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    """The packing tests' model: hidden 32, two heads of 16, 128 positions, seeded."""
+    model = models.tiny_llama(vocab_size, heads=2, kv_heads=2, max_positions=128, attn=attn)
+    model = model.to(torch.float32).eval()
     assert model.config._attn_implementation == attn
     return model
 

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_llama_model
 
 from kubetune_trainer.data.preference import Pair, collate_pairs
 from kubetune_trainer.data.tokenize import IGNORE_INDEX, Example
@@ -22,6 +21,7 @@ from kubetune_trainer.dpo import (
     table_reference,
 )
 from kubetune_trainer.modeling import Precision
+from localenv import models
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM
@@ -76,7 +76,7 @@ def _by_hand(model: LlamaForCausalLM, example: Example) -> float:
 def test_sequence_log_probabilities_equal_each_sequence_alone(
     packing: bool, trained_logits_only: bool
 ) -> None:
-    model = tiny_llama_model().eval()
+    model = models.tiny_llama(64, attn="sdpa").eval()
     pairs = _pairs()
     rows = [[0, 2], [1]] if packing else [[0], [2], [1]]
     batch = collate_pairs(rows, pairs, 0, packing=packing)
@@ -90,7 +90,7 @@ def test_sequence_log_probabilities_equal_each_sequence_alone(
 
 
 def test_the_step_loss_is_the_mean_over_its_pairs_whatever_the_micro_batches() -> None:
-    model = tiny_llama_model()
+    model = models.tiny_llama(64, attn="sdpa")
     pairs = _pairs()
     reference = torch.zeros((3, 2))  # any fixed reference will do
     loss = DpoLoss(beta=0.1, label_smoothing=0.0, trained_logits_only=True,

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_llama_model
 from transformers import (
     BloomConfig,
     BloomForCausalLM,
@@ -34,6 +33,7 @@ from kubetune_trainer.modeling import (
     load_base_model,
     packing_keeps_sequences_apart,
 )
+from localenv import models
 
 CPU = Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False)
 VOCAB = 64
@@ -90,7 +90,7 @@ def probe(model: torch.nn.Module) -> bool:
 
 
 TRANSFORMERS_MODELS: dict[str, Callable[[], torch.nn.Module]] = {
-    "llama": lambda: tiny_llama_model(vocab_size=VOCAB),
+    "llama": lambda: models.tiny_llama(VOCAB, attn="sdpa"),
     "gpt2": tiny_gpt2,
     "opt": tiny_opt,
     "qwen2": tiny_qwen2,
@@ -112,7 +112,7 @@ class IgnoresPacking(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner = tiny_llama_model(vocab_size=VOCAB)
+        self.inner = models.tiny_llama(VOCAB, attn="sdpa")
 
     def forward(self, **kwargs: Any) -> Any:
         kwargs.pop("attention_mask", None)
@@ -133,7 +133,7 @@ def test_bloom_cannot_take_a_4d_mask_and_is_not_packed(caplog: pytest.LogCapture
 
 
 def test_a_single_example_is_enough_for_the_probe() -> None:
-    model = tiny_llama_model(vocab_size=VOCAB)
+    model = models.tiny_llama(VOCAB, attn="sdpa")
     assert packing_keeps_sequences_apart(model, examples(1), 0, torch.bool, CPU)
 
 
@@ -153,7 +153,7 @@ def test_an_architecture_without_sdpa_loads_with_eager_attention(tmp_path: Path)
 
 
 def test_validation_loss_is_the_same_packed_or_one_example_per_row() -> None:
-    model = tiny_llama_model(vocab_size=VOCAB)
+    model = models.tiny_llama(VOCAB, attn="sdpa")
     ex = examples(9, seed=3)
     kwargs: dict[str, Any] = {
         "rows_per_batch": 3,

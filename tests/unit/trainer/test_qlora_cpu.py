@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_llama_model
 
 from kubetune_trainer.api import FineTuneSpec
 from kubetune_trainer.modeling import (
@@ -17,6 +16,7 @@ from kubetune_trainer.modeling import (
     prepare_for_training,
     save_trainable,
 )
+from localenv import models
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -40,7 +40,7 @@ def spec(method: str) -> FineTuneSpec:
 def test_qlora_base_weights_are_4_bit_on_cpu_and_only_the_adapter_is_saved(
     tmp_path: Path,
 ) -> None:
-    source = tiny_llama_model(vocab_size=128)
+    source = models.tiny_llama(128, attn="sdpa")
     source.save_pretrained(tmp_path / "model")
     qlora = spec("qlora")
     precision = choose_precision(qlora, torch.device("cpu"))
@@ -89,7 +89,7 @@ def test_qlora_gradients_on_cpu_equal_those_of_the_dequantized_model(tmp_path: P
     from peft import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: PLC0415
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    tiny_llama_model(vocab_size=128).save_pretrained(tmp_path / "model")
+    models.tiny_llama(128, attn="sdpa").save_pretrained(tmp_path / "model")
     qlora, lora = spec("qlora"), spec("lora")
     cpu = torch.device("cpu")
     quantized = load_base_model(tmp_path / "model", qlora, choose_precision(qlora, cpu))

@@ -19,7 +19,6 @@ import numpy as np
 import pydantic
 import pytest
 import torch
-from tiny_models import tiny_llama_model
 
 from kubetune_trainer import exitcodes
 from kubetune_trainer.__main__ import (
@@ -61,6 +60,7 @@ from kubetune_trainer.modeling import (
 from kubetune_trainer.plan import TrainingPlan, build_scheduler, lr_multiplier, warmup_steps
 from kubetune_trainer.preemption import SigtermFlag
 from kubetune_trainer.storage import StorageError
+from localenv import models
 
 CPU = Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False)
 
@@ -392,7 +392,7 @@ def test_report_scores_answers_and_renders_a_safe_markdown_table() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_llama() -> Any:
-    return tiny_llama_model().eval()
+    return models.tiny_llama(64, attn="sdpa").eval()
 
 
 def test_validation_loss_of_packed_rows_equals_each_sequence_alone(tiny_llama: Any) -> None:

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import tiny_llama_model
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 
 from kubetune_trainer.api import FineTuneSpec
@@ -24,13 +23,14 @@ from kubetune_trainer.modeling import (
     supports_trained_logits,
 )
 from kubetune_trainer.recipe import train_step
+from localenv import models
 
 CPU = Precision(torch.device("cpu"), torch.float32, None, grad_scaler=False)
 VOCAB = 96
 
 
 def tiny_llama(*, tied: bool = False) -> LlamaForCausalLM:
-    return tiny_llama_model(vocab_size=VOCAB, tied=tied)
+    return models.tiny_llama(VOCAB, tied=tied, attn="sdpa")
 
 
 def tiny_gemma2() -> Gemma2ForCausalLM:
