@@ -24,7 +24,7 @@ help:
 	@echo "make bench         CPU benchmarks (start-up, S3, operator scale, trainer) -> docs/benchmarks/"
 	@echo "make crds          regenerate crds/kubetune.dev_finetunejobs.yaml from the pydantic models"
 	@echo "make lock          regenerate the hashed dependency locks requirements/*.txt"
-	@echo "make images        build the operator and trainer images (BASE=local VARIANT=cpu REGISTRY=...)"
+	@echo "make images        build the operator, trainer and API server images (BASE=local VARIANT=cpu REGISTRY=...)"
 
 $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,10 +42,10 @@ endif
 venv: $(VENV)/.installed
 
 # One hashed lock per install set, all from pyproject.toml's ranges: requirements/dev.txt (.venv:
-# every extra), operator.txt and trainer.txt (the images), the image locks constrained to the dev
-# lock's pins so the images run what the tests ran. Universal (Python 3.11-3.13, any platform: the
-# CUDA image has Python 3.12), one version per package where possible. Existing pins are kept
-# unless the ranges force a change; to update: make lock LOCK_ARGS=--upgrade (or
+# every extra), operator.txt, trainer.txt and api.txt (the images), the image locks constrained
+# to the dev lock's pins so the images run what the tests ran. Universal (Python 3.11-3.13, any
+# platform: the CUDA image has Python 3.12), one version per package where possible. Existing
+# pins are kept unless the ranges force a change; to update: make lock LOCK_ARGS=--upgrade (or
 # LOCK_ARGS="--upgrade-package transformers").
 LOCK_ARGS ?=
 UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
@@ -54,11 +54,13 @@ lock: venv
 	$(UV_COMPILE) --all-extras -o requirements/dev.txt
 	$(UV_COMPILE) --extra operator -c requirements/dev.txt -o requirements/operator.txt
 	$(UV_COMPILE) --extra trainer -c requirements/dev.txt -o requirements/trainer.txt
+	$(UV_COMPILE) --extra api -c requirements/dev.txt -o requirements/api.txt
 
-# The operator and trainer images, tagged with the chart's appVersion (docs/images.md):
+# The operator, trainer and API server images, tagged with the chart's appVersion (docs/images.md):
 #   make images                              public bases, the CUDA trainer
 #   make images BASE=local VARIANT=cpu       FROM a local Debian base (no registry needed), CPU trainer
-#   make images REGISTRY=registry.example.com/ml    also tag REGISTRY/{operator,trainer} and push
+#   make images REGISTRY=registry.example.com/ml    also tag REGISTRY/{operator,trainer,api} and push
+#   make images IMAGES=api                   only some of them
 images:
 	VARIANT=$(VARIANT) bash images/build.sh
 

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# Build the operator and trainer images (make images), optionally retag and push them.
+# Build the operator, trainer and API server images (make images), optionally retag and push them.
 #
 #   make images                               public bases, CUDA trainer:
 #                                             ghcr.io/kubetune/operator:<appVersion>
 #                                             ghcr.io/kubetune/trainer:<appVersion>
+#                                             ghcr.io/kubetune/api:<appVersion>
 #   make images BASE=local VARIANT=cpu        FROM a local Debian bookworm base made here with
 #                                             debootstrap (no image registry needed), CPU trainer:
-#                                             localhost/kubetune/{operator,trainer}:<v>[-cpu]
+#                                             localhost/kubetune/{operator,trainer,api}:<v>[-cpu]
 #   make images REGISTRY=registry.example.com/ml [PUSH_ARGS=--tls-verify=false]
-#                                             also tag REGISTRY/operator:<v> and REGISTRY/trainer:<v>
+#                                             also tag REGISTRY/{operator,trainer,api}:<v>
 #                                             and push them
 #
-# Settings (environment): BASE=public|local, OPERATOR_BASE / TRAINER_BASE (public bases other
-# than the Dockerfiles' defaults, e.g. pinned by digest: python:3.11-slim-bookworm@sha256:...),
-# VARIANT=cuda|cpu (trainer), IMAGES="operator trainer", REGISTRY, PUSH_ARGS,
+# Settings (environment): BASE=public|local, OPERATOR_BASE / TRAINER_BASE / API_BASE (public
+# bases other than the Dockerfiles' defaults, e.g. pinned by digest:
+# python:3.11-slim-bookworm@sha256:...), VARIANT=cuda|cpu (trainer), IMAGES="operator trainer
+# api", REGISTRY, PUSH_ARGS,
 # ENGINE=podman|docker (default: a docker engine that answers, else podman, installed with apt
 # when missing). Tags come from charts/kubetune/Chart.yaml's appVersion, which is what the chart
 # deploys by default.
@@ -28,7 +30,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/kubetune/images"
 base=${BASE:-public}
 variant=${VARIANT:-cuda}
-images=${IMAGES:-operator trainer}
+images=${IMAGES:-operator trainer api}
 version=$(awk -F'"' '/^appVersion:/ { print $2 }' "$root/charts/kubetune/Chart.yaml")
 say() { echo "images: $*" >&2; }
 mkdir -p "$cache"
@@ -119,7 +121,11 @@ for name in $images; do
       [ "$base" = local ] && extra+=(--build-arg PYTHON=python3.11)
       [ -n "${TRAINER_BASE:-}" ] && extra+=(--build-arg "BASE=$TRAINER_BASE")
       ;;
-    *) say "unknown image $name (operator, trainer)"; exit 2 ;;
+    api)
+      file=api_server/Dockerfile tag=$prefix/api:$version extra=()
+      [ -n "${API_BASE:-}" ] && extra+=(--build-arg "BASE=$API_BASE")
+      ;;
+    *) say "unknown image $name (operator, trainer, api)"; exit 2 ;;
   esac
   start=$SECONDS
   say "building $tag"

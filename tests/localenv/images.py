@@ -1,7 +1,8 @@
 """The real images, built and run here with podman (no Docker engine, no image registry).
 
-`build_local_images` runs images/build.sh (what `make images BASE=local VARIANT=cpu` runs): both
-Dockerfiles FROM a local Debian bookworm base, the trainer's CPU variant. `Podman` runs
+`build_local_images` runs images/build.sh (what `make images BASE=local VARIANT=cpu` runs): the
+three Dockerfiles (operator, trainer, API server) FROM a local Debian bookworm base, the
+trainer's CPU variant. `Podman` runs
 containers with the settings this machine needs (images/containers.conf and the runc runtime:
 no CAP_SYS_RESOURCE, cgroup v1; docs/images.md).
 """
@@ -36,19 +37,20 @@ def app_version() -> str:
 class LocalImages:
     operator: str
     trainer: str
+    api: str
     seconds: float  # how long images/build.sh took (cold or cached)
 
 
 def build_local_images(timeout: float) -> LocalImages:
-    """Build (or find in the layer cache) both images FROM the local base; fail with the log."""
+    """Build (or find in the layer cache) the images FROM the local base; fail with the log."""
     start = time.monotonic()
-    build(
-        {"BASE": "local", "VARIANT": "cpu", "IMAGES": "operator trainer", "REGISTRY": ""}, timeout
-    )
+    images = "operator trainer api"
+    build({"BASE": "local", "VARIANT": "cpu", "IMAGES": images, "REGISTRY": ""}, timeout)
     version = app_version()
     return LocalImages(
         operator=f"localhost/kubetune/operator:{version}",
         trainer=f"localhost/kubetune/trainer:{version}-cpu",
+        api=f"localhost/kubetune/api:{version}",
         seconds=time.monotonic() - start,
     )
 

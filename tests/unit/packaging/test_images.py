@@ -1,8 +1,9 @@
 """The Dockerfiles: lint-clean, and installing exactly the locked set pyproject.toml declares.
 
 The Dockerfiles are linted with hadolint and checked against pyproject.toml and the locks; the
-operator image's promise of "no torch" is checked by importing every operator module in a fresh
-interpreter. The images themselves are built and run by tests/images/.
+operator and API server images' promise of "no torch" is checked by importing every module of
+their package in a fresh interpreter. The images themselves are built and run by
+tests/integration/test_built_images.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ IMAGES = {
     # Dockerfile: (pyproject extra it installs, console script it runs, package it serves)
     "Dockerfile": ("operator", "kubetune-operator", "kubetune_operator"),
     "trainer_image/Dockerfile": ("trainer", "kubetune-trainer", "kubetune_trainer"),
+    "api_server/Dockerfile": ("api", "kubetune-api", "kubetune_api"),
 }
 
 
@@ -66,10 +68,11 @@ def test_dockerfile_runs_as_numeric_non_root_user(dockerfile: str) -> None:
     assert uid.isdigit() and int(uid) != 0  # numeric, so runAsNonRoot can be verified
 
 
-def test_operator_modules_import_without_torch() -> None:
+@pytest.mark.parametrize("package", ["kubetune_operator", "kubetune_api"])
+def test_small_image_modules_import_without_torch(package: str) -> None:
     code = (
-        "import importlib, pkgutil, sys, kubetune_operator\n"
-        "for m in pkgutil.walk_packages(kubetune_operator.__path__, 'kubetune_operator.'):\n"
+        f"import importlib, pkgutil, sys, {package}\n"
+        f"for m in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
         "    importlib.import_module(m.name)\n"
         "heavy = sorted(n for n in ('torch', 'transformers', 'peft') if n in sys.modules)\n"
         "assert not heavy, heavy\n"

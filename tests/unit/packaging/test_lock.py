@@ -97,9 +97,10 @@ LOCK_FILES = sorted(p.name for p in LOCKS.glob("*.txt"))
 
 
 def test_there_is_a_lock_per_install_set() -> None:
-    assert LOCK_FILES == ["dev.txt", "operator.txt", "trainer.txt"]
+    assert LOCK_FILES == ["api.txt", "dev.txt", "operator.txt", "trainer.txt"]
     # .venv gets every extra, so the tests of each can run, and a new extra is locked at once.
     assert read_lock(LOCKS / "dev.txt")[0] == list(PYPROJECT["optional-dependencies"])
+    assert read_lock(LOCKS / "api.txt")[0] == ["api"]
     assert read_lock(LOCKS / "operator.txt")[0] == ["operator"]
     assert read_lock(LOCKS / "trainer.txt")[0] == ["trainer"]
 
@@ -124,7 +125,7 @@ def test_lock_pins_every_requirement_within_its_pyproject_range(
 
 
 @pytest.mark.parametrize("environment", sorted(ENVIRONMENTS))
-@pytest.mark.parametrize("lock", ["operator.txt", "trainer.txt"])
+@pytest.mark.parametrize("lock", ["api.txt", "operator.txt", "trainer.txt"])
 def test_image_lock_pins_what_the_dev_lock_pins(lock: str, environment: str) -> None:
     env = ENVIRONMENTS[environment]
     dev = pinned_in(read_lock(LOCKS / "dev.txt")[1], env)
