@@ -1,7 +1,7 @@
 """The real images, built from the Dockerfiles and run the way the chart runs them.
 
-`make images BASE=local VARIANT=cpu` builds both Dockerfiles FROM a local Debian bookworm base
-(tests/localenv/images.py; podman, no registry). Then:
+`make images BASE=local VARIANT=cpu` builds the three Dockerfiles FROM a local Debian bookworm
+base (tests/localenv/images.py; podman, no registry). Then:
 - the operator image runs with host networking against the local API server, logged in the way
   a pod is (the chart ServiceAccount's token and CA mounted at the in-cluster path), read-only
   and non-root, and reconciles a FineTuneJob until its (stand-in) trainer pod has succeeded;
@@ -9,7 +9,11 @@
   runs, and the chart pointed at it (image.repository) deploys exactly the pushed reference;
 - the trainer image runs `kubetune-trainer --config` as UID 65532 on a read-only root filesystem
   with tmpfs /workspace and /tmp, as the operator's pod spec has it, trains the tiny Llama from
-  the local S3 and publishes its adapter there.
+  the local S3 and publishes its adapter there;
+- the API server image runs read-only and non-root as the chart's pod does (catalogue and the
+  cluster's CA mounted, tmpfs /tmp, no Kubernetes credential of its own) and serves the official
+  openai client with a user's token: files to the local S3, fine-tuning jobs as FineTuneJobs
+  created through the local API server with that token's rights.
 
 A cold build (base root filesystem, ~3 GB of wheels) takes minutes; a cached one seconds
 (docs/images.md has the numbers).
@@ -30,6 +34,8 @@ from typing import Any
 
 import pytest
 import yaml
+from openai import AuthenticationError, OpenAI, PermissionDeniedError
+from openai_support import chat_lines, install_user_role, user_token
 from operator_harness import CHART, FAKE_TRAINER, PEERING_LIFETIME, install_crds
 from trainer_support import S3, THREAD_ENV, jsonl, records, trainer_config
 from unit.operator.invalid_manifests import VALID_MANIFEST
@@ -71,7 +77,7 @@ podman = Podman()
 @pytest.fixture(scope="module")
 def images() -> LocalImages:
     built = build_local_images(timeout=BUILD_TIMEOUT)
-    print(f"images built in {built.seconds:.0f} s: {built.operator}, {built.trainer}")
+    print(f"images built in {built.seconds:.0f} s: {built.operator}, {built.trainer}, {built.api}")
     return built
 
 
@@ -267,6 +273,99 @@ def test_trainer_image_trains_from_and_to_s3_as_non_root_on_a_read_only_root(
     metrics = json.loads((local / "metrics.json").read_text())
     assert metrics["steps"] == metrics["total_steps"] > 0
     assert metrics["eval"]["fine_tuned"]["loss"] < metrics["eval"]["base"]["loss"]
+
+
+# ------------------------------------------------------------------------- the API server
+
+
+def test_api_image_serves_a_users_token_through_the_local_api_server(
+    cluster: Cluster, images: LocalImages, tmp_path: Path
+) -> None:
+    config = podman.config(images.api)
+    assert config["User"] == f"{UID}:{UID}"
+    assert config["Entrypoint"] == ["kubetune-api"]
+    code = "import importlib.util as u, kubetune_api.app; print(u.find_spec('torch'))"
+    out = podman.check("run", "--rm", *RESTRICTED_RUN, "--entrypoint", "python",
+                       images.api, "-c", code)  # fmt: skip
+    assert out.strip() == "None"
+
+    install_crds(cluster)
+    # The chart's ConfigMaps, mounted read-only where the chart mounts them.
+    models_dir, ca_dir = tmp_path / "models", tmp_path / "kubernetes"
+    for directory in (models_dir, ca_dir):
+        directory.mkdir(mode=0o755)
+    catalogue = [{"name": "tiny-llama", "uri": "s3://kubetune/models/tiny-llama/"}]
+    (models_dir / "models.json").write_text(json.dumps(catalogue))
+    admin = json.loads(cluster.kubeconfig.read_text())["clusters"][0]["cluster"]
+    (ca_dir / "ca.crt").write_bytes(Path(admin["certificate-authority"]).read_bytes())
+    for path in (models_dir / "models.json", ca_dir / "ca.crt"):
+        path.chmod(0o644)  # readable by the image's non-root user
+    port, prefix = free_port(), f"api-image-{uuid.uuid4().hex[:8]}"
+    s3 = cluster.s3_env
+    env = {  # what charts/kubetune/templates/api-deployment.yaml sets
+        "KUBETUNE_API_PORT": str(port),
+        "KUBETUNE_API_BUCKET": s3["KUBETUNE_S3_BUCKET"],
+        "KUBETUNE_API_PREFIX": prefix,
+        "KUBETUNE_API_STORAGE_ENDPOINT": s3["AWS_ENDPOINT_URL"],
+        "KUBETUNE_API_MODELS_FILE": "/etc/kubetune-api/models/models.json",
+        "KUBETUNE_API_KUBERNETES_CA_FILE": "/etc/kubetune-api/kubernetes/ca.crt",
+        "KUBETUNE_API_LOG_FORMAT": "json",
+        "AWS_ACCESS_KEY_ID": s3["AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": s3["AWS_SECRET_ACCESS_KEY"],
+        # The in-cluster discovery a pod gets (host networking here: the API server's port).
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(admin["server"]).rsplit(":", 1)[1],
+    }
+    with (
+        install_user_role(cluster) as role,
+        cluster.namespace() as namespace,
+        podman.container() as container_name,
+    ):
+        token = user_token(cluster, namespace, "alice", role)
+        podman.check(
+            "run", "--detach", "--name", container_name, *RESTRICTED_RUN,
+            "--tmpfs", "/tmp:rw,mode=1777",
+            "--volume", f"{models_dir}:/etc/kubetune-api/models:ro",
+            "--volume", f"{ca_dir}:/etc/kubetune-api/kubernetes:ro",
+            *[f"--env={k}={v}" for k, v in env.items()],
+            images.api,
+        )  # fmt: skip
+
+        def logs() -> str:
+            result = podman.run("logs", container_name)
+            return result.stdout + result.stderr
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        try:
+            wait_until(healthy, 60, "the API server image to answer /healthz")
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=token,
+                            max_retries=0, timeout=30)  # fmt: skip
+            assert "tiny-llama" in {m.id for m in client.models.list()}
+            upload = client.files.create(
+                file=("training_data.jsonl", chat_lines(20)), purpose="fine-tune"
+            )
+            job = client.fine_tuning.jobs.create(training_file=upload.id, model="tiny-llama")
+            # The server has no credential of its own: a token without the role, or no valid
+            # token at all, gets nothing.
+            nobody = user_token(cluster, namespace, "nobody", None)
+            for key, refused in ((nobody, PermissionDeniedError), ("x", AuthenticationError)):
+                other = OpenAI(base_url=client.base_url, api_key=key, max_retries=0, timeout=30)
+                with pytest.raises(refused):
+                    other.fine_tuning.jobs.create(training_file=upload.id, model="tiny-llama")
+        except Exception as err:
+            raise AssertionError(f"{err}\nAPI server log:\n{logs()[-4000:]}") from err
+        # The job is a FineTuneJob in the token's namespace, made with the token's rights.
+        ftj = cluster.get("ftj", job.id, namespace)
+        assert ftj["spec"]["baseModel"]["uri"] == catalogue[0]["uri"]
+        uploaded = ftj["spec"]["dataset"]["trainUri"]
+        assert uploaded.startswith(f"s3://{env['KUBETUNE_API_BUCKET']}/{prefix}/{namespace}/")
+        assert len(client.fine_tuning.jobs.list().data) == 1
 
 
 # ------------------------------------------------------------------------ your own registry
