@@ -16,7 +16,7 @@ CHART_UNIT_TESTS = Path(__file__).parent / "unit" / "chart"
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Build the Go binaries the selected tests need, and only those, before the first test:
     helm for the chart tests and the cluster tests (most render the chart), Kueue for the tests
-    that start it. A cold build takes minutes (Kueue about 9 on 2 cores) and would otherwise
+    that start it. A cold build takes minutes (Kueue about 5 on 2 quiet cores) and would otherwise
     count against one test's timeout; once built this only re-links (tens of milliseconds)."""
     if session.config.option.collectonly:
         return

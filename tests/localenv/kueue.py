@@ -125,7 +125,7 @@ def _ready(health_port: int) -> bool:
 
 @contextmanager
 def running_kueue(cluster: Cluster, workdir: Path, timeout: float = 120) -> Iterator[Kueue]:
-    build_binaries("kueue")  # the first time only: about 9 minutes on 2 cores (tests/conftest.py)
+    build_binaries("kueue")  # the first time only: ~5 min on 2 quiet cores (tests/conftest.py)
     workdir.mkdir(parents=True, exist_ok=True)
     crds = sorted(str(p) for p in CONFIG.glob("kueue.x-k8s.io_*.yaml"))
     cluster.kubectl(
