@@ -399,6 +399,16 @@ def pod_failure_policy() -> Body:
             # Preemption, node drain, eviction: not the trainer's fault, and no retry is used up
             # (the next pod resumes from the last checkpoint). First, so it wins over exit codes.
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            # A process of a gang that stopped because a peer did (multi-node): the peer's pod
+            # carries the real exit code and is counted; this one is only replaced.
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": sorted(exitcodes.IGNORED),
+                },
+            },
             # Bad config or data: a retry cannot help, fail the whole Job at once.
             {
                 "action": "FailJob",
@@ -412,18 +422,64 @@ def pod_failure_policy() -> Body:
     }
 
 
-def trainer_command(spec: FineTuneSpec, settings: OperatorSettings) -> list[str]:
-    """The trainer's command line: one process, or one per GPU under torchrun.
+def workers_service_name(t: Target) -> str:
+    """The headless Service of a multi-node job: its pods' DNS names live under it."""
+    return child_name(t.name, "workers")
 
-    With several GPUs the trainer runs data-parallel (DDP through accelerate): torchrun starts
-    the same CLI once per GPU on this node and sets RANK/WORLD_SIZE; `--no-python` runs the
-    console script (or a test's stand-in) as given.
+
+def rendezvous_port(t: Target, settings: OperatorSettings) -> int:
+    """The first pod's rendezvous port: the setting's port, or one of its range by the job's
+    uid (pods that share a node's network need one per job)."""
+    low, high = settings.rendezvous_port_range
+    return low + int(hashlib.sha256(t.uid.encode()).hexdigest(), 16) % (high - low + 1)
+
+
+def trainer_command(t: Target, settings: OperatorSettings) -> list[str]:
+    """The trainer's command line: one process, or kubetune-launch (torchrun keeping the
+    trainer's exit codes, reasons and grace period) starting one per GPU (or per
+    processesPerNode) on each of the job's pods.
+
+    Several processes train data-parallel (DDP through accelerate; torchrun sets RANK,
+    WORLD_SIZE, LOCAL_RANK); `--no-python` runs the console script (or a test's stand-in) as
+    given. Several pods (resources.nodes): an Indexed Job whose pod of index i is node i, all
+    meeting at the first pod's stable DNS name under the headless Service (torchrun's static
+    rendezvous: a c10d store on node 0, ranks in node order, so rank 0 is always pod 0).
     """
+    spec = t.spec
     command = [*settings.trainer_command, CONFIG_PATH]
-    if spec.resources.gpus > 1:
-        per_node = f"--nproc-per-node={spec.resources.gpus}"
-        return ["torchrun", "--standalone", "--nnodes=1", per_node, "--no-python", *command]
-    return command
+    nodes, per_node = spec.resources.nodes, spec.resources.processes()
+    if nodes == 1 and per_node == 1:
+        return command
+    launcher = ["kubetune-launch", f"--grace-seconds={spec.checkpointing.grace_period_seconds}"]
+    if nodes == 1:
+        return [*launcher, "--standalone", "--nnodes=1", f"--nproc-per-node={per_node}",
+                "--no-python", *command]  # fmt: skip
+    first = f"{t.names.job}-0.{workers_service_name(t)}"
+    return [
+        *launcher,
+        f"--nnodes={nodes}",
+        f"--nproc-per-node={per_node}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",  # set by the Job controller, expanded by the kubelet
+        f"--master-addr={first}",
+        f"--master-port={rendezvous_port(t, settings)}",
+        "--no-python",
+        *command,
+    ]
+
+
+def workers_service(t: Target) -> Body:
+    """Headless: each pod of the Indexed Job is <job>-<index>.<service>, also before it is
+    ready (the rendezvous happens before any readiness)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(t, workers_service_name(t)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {FTJ_LABEL: truncate(t.name), MANAGED_BY_LABEL: MANAGED_BY},
+        },
+    }
 
 
 def job(t: Target, settings: OperatorSettings) -> Body:
@@ -440,7 +496,7 @@ def job(t: Target, settings: OperatorSettings) -> Body:
         "imagePullPolicy": settings.image_pull_policy,
         # Explicit command: the trainer does not depend on the image's ENTRYPOINT (and the
         # local process node, which runs no images, can run it).
-        "command": trainer_command(t.spec, settings),
+        "command": trainer_command(t, settings),
         "env": storage_env(spec),
         "resources": _resources(spec),
         "volumeMounts": mounts,
@@ -484,10 +540,14 @@ def job(t: Target, settings: OperatorSettings) -> Body:
         ]
     if compute.priority_class_name:
         pod_spec["priorityClassName"] = compute.priority_class_name
+    nodes = spec.resources.nodes
+    if nodes > 1:
+        pod_spec["subdomain"] = workers_service_name(t)
     job_spec: Body = {
         "suspend": job_suspended(spec),
-        "completions": 1,
-        "parallelism": 1,
+        "completions": nodes,
+        "parallelism": nodes,
+        # A gang restart costs one retry: the peers that stop with it exit PEER_LOST (ignored).
         "backoffLimit": spec.max_retries,
         "podFailurePolicy": pod_failure_policy(),
         "template": {
@@ -498,6 +558,9 @@ def job(t: Target, settings: OperatorSettings) -> Body:
             "spec": pod_spec,
         },
     }
+    if nodes > 1:
+        # Pod i is node i (JOB_COMPLETION_INDEX); a failed pod is replaced with the same index.
+        job_spec["completionMode"] = "Indexed"
     timeout = spec.timeout_seconds()
     if timeout is not None:
         job_spec["activeDeadlineSeconds"] = timeout
@@ -513,8 +576,11 @@ def job(t: Target, settings: OperatorSettings) -> Body:
 
 
 def children(t: Target, settings: OperatorSettings) -> list[Body]:
-    """What the operator creates for one FineTuneJob: its Job (the namespace's trainer
-    identity comes first, once per namespace: trainer_identity)."""
+    """What the operator creates for one FineTuneJob: its Job, and for several nodes the
+    headless Service first (the namespace's trainer identity comes first, once per namespace:
+    trainer_identity)."""
+    if t.spec.resources.nodes > 1:
+        return [workers_service(t), job(t, settings)]
     return [job(t, settings)]
 
 

@@ -62,6 +62,9 @@ class Operator:
     serving: ServingMemory = field(default_factory=ServingMemory)
     # Namespaces whose trainer identity exists (created once, by _ensure_identity).
     identities: set[str] = field(default_factory=set)
+    # One creator per namespace: FineTuneJobs applied together would otherwise all race to
+    # create the same three objects (3 creates + 3 GETs after the 409s, per FineTuneJob).
+    identity_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         """One status computation at a time per FineTuneJob: the last patch sent is always
@@ -191,10 +194,12 @@ async def _ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
         blocker = validation.claims_blocker(namespace, missing)
         await sync_status(op, namespace, name, ftj=ftj, seen=seen, blocker=blocker)
         raise kopf.TemporaryError(blocker.message, delay=CLAIM_RETRY_SECONDS)
-    (job_manifest,) = manifests.children(t, op.settings)
+    *before_job, job_manifest = manifests.children(t, op.settings)
     job: Body | _Unknown | None = UNKNOWN
     try:
         await _ensure_identity(op, namespace)
+        for child in before_job:  # a multi-node job's headless Service
+            await _create(op, child, uid)
         if not current.get("jobName"):
             # Once the Job existed, its absence means it was deleted, which cancels the job
             # (status.py); recreating it would silently start training over.
@@ -239,13 +244,16 @@ async def _ensure_identity(op: Operator, namespace: str) -> None:
     FineTuneJob (three creates, the binding after its Role), then only remembered."""
     if namespace in op.identities:
         return
-    account, role, binding = manifests.trainer_identity(namespace)
-    for child in ((account, role), (binding,)):
-        try:
-            await asyncio.gather(*(op.kube.create(c) for c in child))
-        except (ApiError, Forbidden) as err:
-            raise _Refused(child[0], err) from err
-    op.identities.add(namespace)
+    async with op.identity_locks.setdefault(namespace, asyncio.Lock()):
+        if namespace in op.identities:
+            return  # another FineTuneJob's handler created it while this one waited
+        account, role, binding = manifests.trainer_identity(namespace)
+        for child in ((account, role), (binding,)):
+            try:
+                await asyncio.gather(*(op.kube.create(c) for c in child))
+            except (ApiError, Forbidden) as err:
+                raise _Refused(child[0], err) from err
+        op.identities.add(namespace)
 
 
 async def _create(op: Operator, child: Body, uid: str) -> tuple[Body, bool]:

@@ -132,6 +132,14 @@ class OperatorSettings(BaseModel):
     )
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning"] = "info"
+    rendezvous_ports: Annotated[str, Field(pattern=r"^[0-9]{1,5}(-[0-9]{1,5})?$")] = Field(
+        default="29500",
+        description=(
+            "torchrun's rendezvous port on the first pod of a multi-node job: one port (every "
+            "pod has its own IP), or a range A-B where pods share the node's network (a job "
+            "then gets a port of the range from its uid)."
+        ),
+    )
     # ------------------------------------------------------------------ serving (docs/serving.md)
     serving_image: Annotated[str, Field(min_length=1, pattern=r"^[^ ]+$")] = Field(
         default=DEFAULT_SERVING_IMAGE, description="vLLM image of the model servers."
@@ -211,7 +219,7 @@ class OperatorSettings(BaseModel):
             raise ValueError("must be a DNS label (lowercase letters, digits, '-') or empty")
         return value
 
-    @field_validator("serving_ports")
+    @field_validator("serving_ports", "rendezvous_ports")
     @classmethod
     def _port_range(cls, value: str) -> str:
         first, _, last = value.partition("-")
@@ -226,8 +234,11 @@ class OperatorSettings(BaseModel):
 
     @property
     def serving_port_range(self) -> tuple[int, int]:
-        first, _, last = self.serving_ports.partition("-")
-        return int(first), int(last or first)
+        return _range(self.serving_ports)
+
+    @property
+    def rendezvous_port_range(self) -> tuple[int, int]:
+        return _range(self.rendezvous_ports)
 
     def effective_priority(self, started: float | None = None) -> int:
         """The peering priority; by default the negated start time in ms, so older wins.
@@ -241,6 +252,11 @@ class OperatorSettings(BaseModel):
         if self.peering_priority is not None:
             return self.peering_priority
         return -int((time.time() if started is None else started) * 1000)
+
+
+def _range(ports: str) -> tuple[int, int]:
+    first, _, last = ports.partition("-")
+    return int(first), int(last or first)
 
 
 # Values that are JSON documents (lists) or comma-separated lists in the environment.

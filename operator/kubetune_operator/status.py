@@ -408,6 +408,8 @@ def _progress(
             f"Job {job_name} was created; waiting for its training pod.",
             started=started,
         )
+    if spec.resources.nodes > 1:
+        return _gang_progress(ftj, spec, job, pods, live, started=started)
     pod = live[-1]
     pod_name = pod["metadata"]["name"]
     phase = _pod_phase(pod)
@@ -437,6 +439,82 @@ def _progress(
             started=started,
         )
     return _pending_pod(ftj, spec, pod, pod_name, started)
+
+
+COMPLETION_INDEX: Final = "batch.kubernetes.io/job-completion-index"
+
+
+def _index(pod: Body) -> str:
+    meta = pod.get("metadata") or {}
+    return str((meta.get("annotations") or {}).get(COMPLETION_INDEX, ""))
+
+
+def root_failed_pod(failed: Sequence[Body]) -> Body | None:
+    """Of a job's failed pods (oldest first), the one whose failure explains the others: the
+    newest that did not only lose a peer (exitcodes.IGNORED; a gang's other pods stop with
+    it), else the newest."""
+    own = [p for p in failed if (_terminated(p) or {}).get("exitCode") not in exitcodes.IGNORED]
+    chosen = own or list(failed)
+    return chosen[-1] if chosen else None
+
+
+def _gang_progress(
+    ftj: Body,
+    spec: FineTuneSpec,
+    job: Body,
+    pods: list[Body],
+    live: list[Body],
+    *,
+    started: str | None,
+) -> Verdict:
+    """A multi-node job: one story for its pods. The newest pod of each completion index is
+    the gang member; it runs when all do."""
+    nodes = spec.resources.nodes
+    newest = {_index(p): p for p in live}  # live is oldest first
+    members = sorted(newest.values(), key=lambda p: int(_index(p) or 0))
+    failed = [p for p in members if _pod_phase(p) == "Failed"]
+    if failed:
+        every_failed = [p for p in pods if _pod_phase(p) == "Failed"]
+        root = root_failed_pod(every_failed) or failed[-1]
+        return Verdict(
+            "Pending",
+            "Retrying",
+            _clip(
+                f"Attempt {max(_failures(job), 1)} of {spec.max_retries + 1} failed in pod "
+                f"{root['metadata']['name']} ({_attempt(spec, root)}); the {nodes} pods restart "
+                "together, resuming from the last checkpoint."
+            ),
+            started=started,
+        )
+    waiting = [p for p in members if _pod_phase(p) not in ("Running", "Succeeded")]
+    if waiting:
+        pod = waiting[0]
+        return _pending_pod(ftj, spec, pod, pod["metadata"]["name"], started)
+    if len(members) < nodes:
+        return Verdict(
+            "Pending",
+            "WaitingForPod",
+            f"{len(members)} of {nodes} training pods of Job {job['metadata']['name']} exist; "
+            "waiting for the rest.",
+            started=started,
+        )
+    processes = nodes * spec.resources.processes()
+    if all(_pod_phase(p) == "Succeeded" for p in members):
+        return Verdict(
+            "Running",
+            "TrainerFinished",
+            f"The trainer finished on all {nodes} pods; waiting for Job "
+            f"{job['metadata']['name']} to complete.",
+            started=started,
+        )
+    first = members[0]["metadata"]["name"]
+    return Verdict(
+        "Running",
+        "TrainerRunning",
+        f"The trainer is running on {nodes} pods, {processes} processes (progress from rank 0 "
+        f"in pod {first}).",
+        started=started,
+    )
 
 
 def _pending_pod(
@@ -533,7 +611,7 @@ def _failure(spec: FineTuneSpec, job: Body, failed: Body, pods: list[Body]) -> t
             "spec.timeout, or shorten training (hyperparameters.maxSteps or epochs).",
         )
     failed_pods = [p for p in pods if _pod_phase(p) == "Failed"]
-    last = failed_pods[-1] if failed_pods else None
+    last = root_failed_pod(failed_pods)
     terminated = _terminated(last) if last is not None else None
     if terminated is not None:
         if terminated.get("reason") == "OOMKilled":

@@ -59,8 +59,9 @@ def test_operator_scale_smoke(cluster: Cluster, tmp_path: Path) -> None:
     positive(result["operator"]["peak_rss_mb"], "peak_rss_mb")
     requests = result["api_requests"]
     positive(requests["per_object"], "requests per object")
-    # Every FineTuneJob gets five children from the operator, so at least five creates each.
-    assert requests["per_object_by_verb"]["create"] >= 5, requests
+    # Each FineTuneJob's one child (its Job), and the namespace's trainer identity (three objects)
+    # once for all twenty: 1.15 creates each. Two or more: the handlers raced to create the identity.
+    assert 1 <= requests["per_object_by_verb"]["create"] < 2, requests
     assert result["idle"]["cpu_s"] >= 0
     assert set(data["targets_met"]["shipped"]) == set(data["targets"])
     assert out.with_suffix(".png").stat().st_size > 0

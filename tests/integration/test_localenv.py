@@ -416,3 +416,37 @@ def test_volume_over_the_directory_holding_the_repository(cluster: Cluster, name
     terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert done["type"] == "Complete", terminated.get("message")
     assert terminated["message"] == "visible"
+
+
+def test_an_indexed_jobs_pods_find_each_other_under_their_headless_service(
+    cluster: Cluster, namespace: str
+) -> None:
+    """What a multi-node FineTuneJob's torchrun rendezvous needs: <job>-<index>.<service>
+    resolves for every pod of the gang (the process node's managed /etc/hosts)."""
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "workers"},
+               "spec": {"clusterIP": "None", "selector": {"job-name": "gang"}}}  # fmt: skip
+    script = (
+        "import os, socket, time\n"
+        "for i in (0, 1):\n"
+        "    for _ in range(100):\n"
+        "        try:\n"
+        "            print(f'gang-{i}.workers', socket.gethostbyname(f'gang-{i}.workers'))\n"
+        "            break\n"
+        "        except OSError:\n"
+        "            time.sleep(0.2)\n"
+        "    else:\n"
+        "        raise SystemExit(f'gang-{i}.workers does not resolve')\n"
+        "print('HOSTNAME', os.environ['HOSTNAME'])\n"
+    )
+    manifest = job("gang", script, subdomain="workers")
+    manifest["spec"].update(completionMode="Indexed", completions=2, parallelism=2)
+    cluster.apply([service, manifest], namespace)
+    done = wait_until(lambda: job_condition(cluster, "gang", namespace), 90, "Job gang to finish")
+    assert done["type"] == "Complete", done
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", "job-name=gang",
+                                      "-o", "json").stdout)["items"]  # fmt: skip
+    for pod in pods:
+        index = pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+        logs = cluster.kubectl("logs", "-n", namespace, pod["metadata"]["name"]).stdout
+        assert "gang-0.workers 127.0.0.1" in logs and "gang-1.workers 127.0.0.1" in logs
+        assert f"HOSTNAME gang-{index}" in logs

@@ -24,7 +24,10 @@ admitted by the real API server; this program then does what a kubelet does for 
   pod activeDeadlineSeconds, and deletion (SIGTERM to the process group, SIGKILL after the grace
   period, then the final delete);
 - serves `kubectl logs` (the kubelet's /containerLogs endpoint over TLS, client certificates from
-  the cluster CA).
+  the cluster CA);
+- manages each pod's /etc/hosts as a kubelet does, and, since there is no cluster DNS, adds the
+  names a headless Service gives the pods of one subdomain (`<hostname>.<subdomain>`, e.g. an
+  Indexed Job's `<job>-<index>.<service>`), all 127.0.0.1; HOSTNAME is spec.hostname when set.
 
 Not supported, by design (see docs/local-environment.md): images (the `command` runs on the host,
 with the repository's virtualenv first on PATH; a container without `command` fails with
@@ -46,6 +49,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -350,6 +354,20 @@ class Node:
             runner = self.runners.pop(pod["metadata"]["uid"], None)
         if runner:
             runner.stop(grace=0, reason="pod object deleted")
+            self.refresh_hosts(runner)
+
+    def refresh_hosts(self, changed: PodRunner) -> None:
+        """The kubelet's managed /etc/hosts, plus what cluster DNS would answer for a headless
+        Service: every pod of the same namespace and subdomain (an Indexed Job's pods,
+        `<hostname>.<subdomain>`) resolves, and they all live on 127.0.0.1 here. Rewritten in
+        place for every pod of the group whenever a member comes or goes."""
+        with self.lock:
+            group = [
+                r for r in self.runners.values()
+                if (r.namespace, r.subdomain) == (changed.namespace, changed.subdomain)
+            ]  # fmt: skip
+        for runner in group if changed.subdomain else [changed]:
+            runner.write_hosts(group if changed.subdomain else [changed])
 
     def forget_missing(self, seen: set[str]) -> None:
         with self.lock:
@@ -533,6 +551,10 @@ class PodRunner(threading.Thread):
         self.containers = [Container(self, c, False) for c in pod["spec"]["containers"]]
         self.token_volumes: list[tuple[Path, Obj]] = []
         self.phase = "Pending"
+        # A pod's host name is spec.hostname when set (an Indexed Job's <job>-<index>).
+        self.hostname: str = pod["spec"].get("hostname") or self.pod_name
+        self.subdomain: str = pod["spec"].get("subdomain") or ""
+        self.hosts_file = self.dir / "etc-hosts"
 
     @property
     def path(self) -> str:
@@ -584,9 +606,36 @@ class PodRunner(threading.Thread):
                     self.node.runners.pop(self.uid, None)
                 shutil.rmtree(self.dir, ignore_errors=True)
 
+    def names(self) -> list[str]:
+        """The DNS names of this pod: host name, and under its subdomain (a headless Service)."""
+        if not self.subdomain:
+            return [self.hostname]
+        fqdn = f"{self.hostname}.{self.subdomain}.{self.namespace}.svc"
+        short = f"{self.hostname}.{self.subdomain}"
+        return [f"{fqdn}.cluster.local", fqdn, f"{short}.{self.namespace}", short, self.hostname]
+
+    def write_hosts(self, group: list[PodRunner]) -> None:
+        # The machine's own name too: processes here see it as their host name (no UTS
+        # namespace), and gloo binds to what it resolves to, as it would to a pod's IP.
+        lines = [
+            f"127.0.0.1\tlocalhost {socket.gethostname()}",
+            "::1\tlocalhost ip6-localhost ip6-loopback",
+        ]
+        lines += [f"127.0.0.1\t{' '.join(r.names())}" for r in group]
+        text = "\n".join(lines) + "\n"
+        # In place, not renamed: a container bind-mounted this file and must see the change.
+        self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.hosts_file.open("a+") as f:
+            f.seek(0)
+            if f.read() != text:
+                f.seek(0)
+                f.truncate()
+                f.write(text)
+
     def live(self) -> None:
         self.started_at = now()
         (self.dir / "home").mkdir(parents=True, exist_ok=True)
+        self.node.refresh_hosts(self)
         self.write_status()
         mounts_by_container, env_by_container = self.wait_for_config()
         if mounts_by_container is None or env_by_container is None:
@@ -948,6 +997,8 @@ class PodRunner(threading.Thread):
                     "readOnly": bool(mount.get("readOnly")),
                 }
             )
+        # The pod's /etc/hosts, managed by the node as a kubelet does (refresh_hosts).
+        result.append({"source": str(self.hosts_file), "target": "/etc/hosts", "readOnly": True})
         return result
 
     def field_value(self, ref: Obj) -> str:
@@ -987,7 +1038,7 @@ class PodRunner(threading.Thread):
         env = {
             "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "HOME": str(self.dir / "home"),
-            "HOSTNAME": self.pod_name,
+            "HOSTNAME": self.hostname,
             "LANG": "C.UTF-8",
             # No pod network: the API server is reached on loopback (see module docstring).
             "KUBERNETES_SERVICE_HOST": "127.0.0.1",

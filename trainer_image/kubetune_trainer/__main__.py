@@ -31,6 +31,7 @@ from kubetune_trainer.storage import StorageError
 log = logging.getLogger("kubetune_trainer")
 
 TERMINATION_LOG_ENV: Final = "KUBETUNE_TERMINATION_LOG"
+TERMINATION_DIR_ENV: Final = "KUBETUNE_TERMINATION_DIR"  # set by kubetune-launch
 DEFAULT_TERMINATION_LOG: Final = "/dev/termination-log"
 # Kubernetes keeps 4096 bytes of a termination message; the operator shows the first 512
 # characters of its first line in status.message.
@@ -90,9 +91,37 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def classify(exc: BaseException, spec: FineTuneSpec | None = None) -> tuple[int, str]:
+# What gloo and NCCL say when a peer process or its pod went away mid-collective.
+_PEER_GONE: Final = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "communicator was aborted",
+    "remote process exited",
+)
+
+
+def _is_peer_lost(exc: BaseException, env: Mapping[str, str]) -> bool:
+    """A collective or the rendezvous store failed because another process of the gang is
+    gone (that process's own exit code says why)."""
+    torch = sys.modules.get("torch")
+    if torch is None or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist_error = getattr(getattr(torch, "distributed", None), "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(mark in text for mark in _PEER_GONE)
+
+
+def classify(
+    exc: BaseException, spec: FineTuneSpec | None = None, env: Mapping[str, str] | None = None
+) -> tuple[int, str]:
     """(exit code, one-line reason) for an exception that ended the run."""
+    env = os.environ if env is None else env
     if isinstance(exc, Preempted):
+        if exc.by_peer:
+            return exitcodes.PEER_LOST, f"stopped with the gang: {exc}"
         return exitcodes.PREEMPTED, f"preempted: {exc}"
     if isinstance(exc, DatasetError):
         return exitcodes.DATA_ERROR, f"data error: {exc}"
@@ -120,13 +149,20 @@ def classify(exc: BaseException, spec: FineTuneSpec | None = None) -> tuple[int,
     if _is_oom(exc):
         where = "host" if isinstance(exc, MemoryError) else "GPU"
         return exitcodes.OUT_OF_MEMORY, f"out of {where} memory: {oom_hint(spec)}"
+    if _is_peer_lost(exc, env):
+        return exitcodes.PEER_LOST, f"a peer process is gone: {type(exc).__name__}: {exc}"
     if isinstance(exc, KeyboardInterrupt):
         return exitcodes.INTERNAL_ERROR, "interrupted"
     return exitcodes.INTERNAL_ERROR, f"internal error: {type(exc).__name__}: {exc}"
 
 
 def termination_log_path(env: Mapping[str, str] | None = None) -> Path | None:
+    """Where this process's one-line reason goes. Under kubetune-launch each process writes its
+    own file (the launcher copies the one that explains the failure); else the pod's
+    termination log."""
     env = os.environ if env is None else env
+    if env.get(TERMINATION_DIR_ENV):
+        return Path(env[TERMINATION_DIR_ENV]) / env.get("LOCAL_RANK", "0")
     if env.get(TERMINATION_LOG_ENV):
         return Path(env[TERMINATION_LOG_ENV])
     default = Path(DEFAULT_TERMINATION_LOG)

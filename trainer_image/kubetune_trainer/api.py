@@ -122,6 +122,7 @@ LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=LABEL_KEY_PATTERN)]
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
 NonNegInt = Annotated[int, Field(ge=0)]
+PosInt = Annotated[int, Field(ge=1)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
 
@@ -688,6 +689,14 @@ class Toleration(_SpecModel):
         return self
 
 
+PROCESSES_PER_GPU = CelRule(
+    rule="!has(self.processesPerNode) || self.gpus == 0 || self.processesPerNode == self.gpus",
+    message=(
+        "resources.processesPerNode must equal resources.gpus when the pods have GPUs: one "
+        "trainer process per GPU"
+    ),
+    field_path=".processesPerNode",
+)
 LABEL_KEYS_VALID = CelRule(
     rule=f"self.all(k, k.matches(r'{LABEL_KEY_PATTERN}'))",
     message=(
@@ -711,15 +720,37 @@ NodeSelector = Annotated[dict[str, LabelValue], AfterValidator(_label_keys)]
 
 
 class ComputeResources(_SpecModel):
-    """Accelerators, CPU, memory and placement of the training pod."""
+    """Accelerators, CPU, memory and placement of the training pods."""
+
+    model_config = ConfigDict(json_schema_extra=_validations(PROCESSES_PER_GPU))
 
     gpus: int = Field(
         default=1,
         ge=0,
         le=16,
         description=(
-            "GPUs for the single training pod, all on one node (default 1). 0 trains on CPU, "
-            "which only suits tiny models and smoke tests. More than 1 trains data-parallel."
+            "GPUs per training pod, all on one node (default 1). 0 trains on CPU, which only "
+            "suits tiny models and smoke tests. More than 1 trains data-parallel."
+        ),
+    )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "Training pods, one per node, trained as one data-parallel gang (default 1): an "
+            "Indexed Job with a headless Service, torchrun on each pod, a rendezvous on the "
+            "first. Every pod gets gpus, cpu and memory; if one fails, the whole gang restarts "
+            "from the last checkpoint."
+        ),
+    )
+    processes_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "Trainer processes per pod. Default: one per GPU, or 1 on CPU. More than one on CPU "
+            "(data-parallel over gloo) is for tests and debugging."
         ),
     )
     gpu_resource_name: Annotated[
@@ -769,6 +800,21 @@ class ComputeResources(_SpecModel):
         default=None,
         description="PriorityClass of the training pod. Unset: the cluster default.",
     )
+
+    def processes(self) -> int:
+        """Trainer processes per pod: processesPerNode, else one per GPU (1 on CPU)."""
+        return self.processes_per_node or max(self.gpus, 1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if (
+            self.processes_per_node is not None
+            and self.gpus
+            and self.processes_per_node != self.gpus
+        ):
+            raise ValueError(PROCESSES_PER_GPU.message)
+        return self
+
     scratch_size: Quantity = Field(
         default="200Gi",
         description=(
@@ -1259,6 +1305,26 @@ class MemoryEstimate(_StatusModel):
     )
 
 
+class DistributedStatus(_StatusModel):
+    """How the run is spread over pods and processes, as the trainer found it."""
+
+    nodes: PosInt | None = Field(default=None, description="Training pods in the gang.")
+    processes_per_node: PosInt | None = Field(
+        default=None, description="Trainer processes per pod (one per GPU)."
+    )
+    world_size: PosInt | None = Field(
+        default=None, description="Trainer processes in all: nodes times processesPerNode."
+    )
+    strategy: Literal["single", "ddp", "fsdp"] | None = Field(
+        default=None,
+        description=(
+            "single: one process; ddp: every process holds the whole model and averages "
+            "gradients; fsdp: parameters, gradients and optimizer state are sharded over the "
+            "processes."
+        ),
+    )
+
+
 class OutputFile(_StatusModel):
     """One published file."""
 
@@ -1361,6 +1427,9 @@ class FineTuneStatus(_StatusModel):
     )
     estimate: MemoryEstimate | None = Field(
         default=None, description="GPU memory estimate made before scheduling."
+    )
+    distributed: DistributedStatus | None = Field(
+        default=None, description="Nodes, processes and parallelism of the running trainer."
     )
     output: OutputStatus | None = Field(default=None, description="Published files.")
     serving: ServingStatus | None = Field(

@@ -224,8 +224,10 @@ def load_training_state(
     The RNG states are returned rather than applied: the caller restores them last, after
     every other setup step that draws random numbers (adapter initialization).
     """
+    # A CPU process of a gang has device cpu:<rank> (accelerate), a tag torch.load cannot map.
+    where = device if device is not None and device.type != "cpu" else "cpu"
     optimizer.load_state_dict(
-        torch.load(directory / OPTIMIZER_FILE, map_location=device or "cpu", weights_only=True)
+        torch.load(directory / OPTIMIZER_FILE, map_location=where, weights_only=True)
     )
     scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
     scaler_file = directory / SCALER_FILE

@@ -18,18 +18,23 @@ class ModelError(Exception):
 
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint of `step` was published (None: outside the training loop,
-    where there was nothing new to save)."""
+    where there was nothing new to save). `by_peer`: another process of the gang got the
+    SIGTERM, and this one stopped with it at the same step."""
 
-    def __init__(self, step: int | None, checkpoint_uri: str | None = None) -> None:
+    def __init__(
+        self, step: int | None, checkpoint_uri: str | None = None, *, by_peer: bool = False
+    ) -> None:
         where = f"checkpoint of step {step} at {checkpoint_uri}" if checkpoint_uri else None
+        cause = "a peer process got SIGTERM" if by_peer else "SIGTERM"
         super().__init__(
-            f"stopped by SIGTERM; resumes from the {where}"
+            f"stopped by {cause}; resumes from the {where}"
             if where
-            else "stopped by SIGTERM outside the training loop; the next attempt resumes from "
+            else f"stopped by {cause} outside the training loop; the next attempt resumes from "
             "the last checkpoint, if there is one"
         )
         self.step = step
         self.checkpoint_uri = checkpoint_uri
+        self.by_peer = by_peer
 
 
 class OutputExists(Exception):

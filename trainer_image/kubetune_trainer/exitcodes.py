@@ -17,6 +17,10 @@ Pure constants: imported by the operator image, which has no torch.
 from typing import Final
 
 OK: Final = 0
+# The pods of a multi-node job could not meet: the first pod's rendezvous address did not answer
+# within the rendezvous timeout (a peer not scheduled, a NetworkPolicy, DNS). Retried, with a
+# reason of its own. (EX_UNAVAILABLE)
+RENDEZVOUS_FAILED: Final = 69
 # The data is malformed: a record without the fields its format needs, an empty dataset, a
 # dataset format that cannot be detected, no trainable tokens left. (EX_DATAERR)
 DATA_ERROR: Final = 65
@@ -27,6 +31,11 @@ INTERNAL_ERROR: Final = 70
 # spec.output.uri holds files this FineTuneJob did not write (another job's output or
 # checkpoints) and output.overwrite is false. (EX_CANTCREAT)
 OUTPUT_EXISTS: Final = 73
+# A process of a data-parallel gang stopped because a peer did: its connection to the others
+# broke, or another pod was preempted and the gang stopped together at a checkpoint. Not this
+# pod's fault: the Job ignores it (no retry used up) and replaces the pod; the peer that failed
+# first carries the real exit code. (EX_PROTOCOL)
+PEER_LOST: Final = 76
 # The object store stayed unreachable, failing (5xx) or throttling for spec.storage.retryTimeout:
 # retried (another pod, maybe on another node, may reach it). (EX_TEMPFAIL)
 STORAGE_UNREACHABLE: Final = 75
@@ -69,5 +78,9 @@ REASONS: Final = {
 # Retried exit codes with a reason of their own: a Retrying message names it, and a job that
 # runs out of retries fails with it instead of the generic BackoffLimitExceeded.
 RETRIED_REASONS: Final = {
+    RENDEZVOUS_FAILED: "RendezvousFailed",
     STORAGE_UNREACHABLE: "StorageUnreachable",
 }
+
+# Exit codes the Job does not count as failures (podFailurePolicy Ignore), like a disruption.
+IGNORED: Final = (PEER_LOST,)

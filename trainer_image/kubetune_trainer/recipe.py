@@ -90,6 +90,7 @@ from kubetune_trainer.data.preference import (
 )
 from kubetune_trainer.data.records import PREFERENCE_FORMATS, RecordFormat
 from kubetune_trainer.data.tokenize import Example, TokenizedDataset
+from kubetune_trainer.distributed import distributed_status
 from kubetune_trainer.errors import ConfigError, ModelError, Preempted
 from kubetune_trainer.evaluation import (
     REPORT_JSON,
@@ -162,14 +163,30 @@ def current_rss() -> int:
         with open("/proc/self/statm", encoding="ascii") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    """This program's peak resident memory, in bytes.
+
+    VmHWM, the high-water mark of this process's own address space. Not ru_maxrss: Linux carries
+    the parent's high-water mark across fork/vfork + exec into it, so a trainer started from a
+    large process (a test runner, a notebook, a launcher) would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, label): peak GPU allocation, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "GPU peak"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "RSS peak"
+    return peak_rss(), "RSS peak"
 
 
 def status_loss(loss: float) -> float:
@@ -283,6 +300,7 @@ class FineTuneRecipe:
         self.reporter = StatusReporter.from_environment(
             config.job if self.is_main else None, self.env
         )
+        self.reporter.report(distributed=distributed_status(self.env, self.world_size))
         self.preemption = preemption or SigtermFlag()
         # hyperparameters.packing, unless the model turns out not to keep packed sequences
         # apart (_setup_model); training and evaluation follow this.
@@ -689,6 +707,17 @@ class FineTuneRecipe:
             reference=reference,
         )
 
+    def _agree(self, stop: bool, save: bool) -> tuple[bool, bool]:
+        """Whether any process wants to stop (SIGTERM) or checkpoint (a time-based interval)
+        after this step: all must do it at the same step, or one would wait in the checkpoint's
+        collectives while the others wait in the next step's gradient sync. SIGTERM reaches
+        the pods of a gang at different moments, and their clocks differ."""
+        if self.world_size == 1:
+            return stop, save
+        flags = torch.tensor([int(stop), int(save)], device=self.device)
+        agreed = self.accelerator.reduce(flags, reduction="sum").tolist()
+        return agreed[0] > 0, agreed[1] > 0
+
     def _all_processes_agree(self, verdict: bool) -> bool:
         """True only if every process's verdict is True: data-parallel processes must plan
         the same steps (a process with other micro-batches would hang the gradient sync)."""
@@ -910,11 +939,12 @@ class FineTuneRecipe:
             if state.step % every == 0 or done or time.monotonic() - last_log >= LOG_INTERVAL_S:
                 self._log_progress(window, lr)
                 last_log = time.monotonic()
-            if self.preemption.is_set():
+            stop, save = self._agree(self.preemption.is_set(), not done and policy.due(state.step))
+            if stop:
                 state.train_seconds += time.monotonic() - started
                 uri = self.save_checkpoint()
-                raise Preempted(state.step, uri)
-            if not done and policy.due(state.step):
+                raise Preempted(state.step, uri, by_peer=not self.preemption.is_set())
+            if save:
                 state.train_seconds += time.monotonic() - started
                 started = time.monotonic()
                 try:

@@ -34,6 +34,7 @@ from kubetune_trainer.api import (
     GROUP,
     PLURAL,
     VERSION,
+    DistributedStatus,
     MemoryEstimate,
     OutputStatus,
     ParameterCounts,
@@ -49,7 +50,7 @@ SA_DIR_ENV: Final = "KUBETUNE_SA_DIR"
 DEFAULT_SA_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
 # The only status fields the trainer writes; everything else belongs to the operator.
 TRAINER_OWNED_FIELDS: Final = frozenset(
-    {"stage", "progress", "metrics", "parameters", "estimate", "output"}
+    {"stage", "progress", "metrics", "parameters", "estimate", "distributed", "output"}
 )
 DEFAULT_INTERVAL_S: Final = 10.0
 # Names our patches in metadata.managedFields, so `kubectl get -o yaml --show-managed-fields`
@@ -166,6 +167,7 @@ class StatusReporter:
         metrics: TrainingMetrics | None = None,
         parameters: ParameterCounts | None = None,
         estimate: MemoryEstimate | None = None,
+        distributed: DistributedStatus | None = None,
         output: OutputStatus | None = None,
         urgent: bool = False,
     ) -> None:
@@ -181,6 +183,7 @@ class StatusReporter:
             ("metrics", metrics),
             ("parameters", parameters),
             ("estimate", estimate),
+            ("distributed", distributed),
             ("output", output),
         ):
             if model is not None:

@@ -89,6 +89,10 @@ POD_FAILURE_POLICY = {
     "rules": [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
         {
+            "action": "Ignore",
+            "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [76]},
+        },
+        {
             "action": "FailJob",
             "onExitCodes": {
                 "containerName": "trainer",
@@ -286,9 +290,12 @@ def test_pod_meets_pod_security_restricted() -> None:
 
 def test_pod_failure_policy_fails_fast_on_permanent_exit_codes() -> None:
     policy = manifests.job(target(), SETTINGS)["spec"]["podFailurePolicy"]
-    ignore, fail = policy["rules"]
+    ignore, peer_lost, fail = policy["rules"]
     # Disruptions first: a preempted pod never uses up a retry, whatever its exit code.
     assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert peer_lost["action"] == "Ignore"
+    assert peer_lost["onExitCodes"]["values"] == [exitcodes.PEER_LOST]
+    assert not set(exitcodes.IGNORED) & set(exitcodes.PERMANENT)
     assert fail["action"] == "FailJob"
     assert set(fail["onExitCodes"]["values"]) == set(exitcodes.PERMANENT)
     assert {exitcodes.DATA_ERROR, exitcodes.CONFIG_ERROR} <= set(fail["onExitCodes"]["values"])
@@ -525,10 +532,76 @@ def test_several_gpus_run_one_trainer_process_per_gpu(gpus: int) -> None:
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[-3:] == ["kubetune-trainer", "--config", CONFIG_PATH]
     if gpus > 1:
-        assert command[:5] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4",
-                               "--no-python"]  # fmt: skip
+        # kubetune-launch, not torchrun: torchrun exits 1 for any failure, and a data error
+        # on 4 GPUs must still fail at once (PERMANENT) instead of being retried.
+        assert command[:6] == ["kubetune-launch", "--grace-seconds=120", "--standalone",
+                               "--nnodes=1", "--nproc-per-node=4", "--no-python"]  # fmt: skip
     else:
         assert command == ["kubetune-trainer", "--config", CONFIG_PATH]
+
+
+def test_processes_per_node_on_cpu_trains_data_parallel_over_gloo() -> None:
+    job = manifests.job(target(resources={"gpus": 0, "processesPerNode": 3}), SETTINGS)
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "--nproc-per-node=3" in command and "--standalone" in command
+
+
+def test_several_nodes_run_as_one_indexed_gang_behind_a_headless_service() -> None:
+    t = target(resources={"gpus": 8, "nodes": 4})
+    service, job = manifests.children(t, SETTINGS)
+    # The Service comes first: the pods' names must resolve when the rendezvous starts.
+    assert service["kind"] == "Service" and service["metadata"]["name"] == "support-lora-workers"
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"kubetune.dev/finetunejob": "support-lora",
+                                           "app.kubernetes.io/managed-by": "kubetune"}  # fmt: skip
+    assert service["metadata"]["ownerReferences"] == job["metadata"]["ownerReferences"]
+    spec = job["spec"]
+    assert (spec["completions"], spec["parallelism"], spec["completionMode"]) == (4, 4, "Indexed")
+    # One retry is one gang restart: the peers of a failed pod exit PEER_LOST, which is ignored.
+    assert spec["backoffLimit"] == 2
+    assert spec["podFailurePolicy"] == POD_FAILURE_POLICY
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "support-lora-workers"
+    # Every pod gets the per-node resources.
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    command = pod["containers"][0]["command"]
+    assert command == [
+        "kubetune-launch",
+        "--grace-seconds=120",
+        "--nnodes=4",
+        "--nproc-per-node=8",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=support-lora-train-0.support-lora-workers",
+        "--master-port=29500",
+        "--no-python",
+        "kubetune-trainer",
+        "--config",
+        CONFIG_PATH,
+    ]
+
+
+def test_a_single_node_job_has_no_service_and_is_not_indexed() -> None:
+    (job,) = manifests.children(target(), SETTINGS)
+    assert "completionMode" not in job["spec"]
+    assert "subdomain" not in job["spec"]["template"]["spec"]
+
+
+def test_the_rendezvous_port_is_spread_over_a_range_by_job() -> None:
+    """On the process node every pod shares one network: two gangs need two ports."""
+    settings = OperatorSettings(rendezvous_ports="30000-30999")
+    ports = set()
+    for uid in ("a", "b", "c", "d", "e", "f"):
+        manifest = served(resources={"gpus": 0, "nodes": 2})
+        manifest["metadata"]["uid"] = uid
+        t = manifests.target(manifest, settings)
+        port = manifests.rendezvous_port(t, settings)
+        assert 30000 <= port <= 30999
+        assert port == manifests.rendezvous_port(t, settings)  # stable for the job
+        ports.add(port)
+    assert len(ports) > 1
+    with pytest.raises(ValueError):
+        OperatorSettings(rendezvous_ports="30999-30000")
 
 
 def test_image_pull_secrets_reach_training_and_serving_pods() -> None:

@@ -4,11 +4,13 @@ the trainer owns."""
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from ftj_objects import (
+    T0,
     T1,
     T2,
     complete_job,
@@ -567,3 +569,64 @@ def test_a_retried_storage_outage_is_named_while_retrying() -> None:
     result = verdict(served(), job(failed=1, active=0), pods)
     assert (result.phase, result.reason) == ("Pending", "Retrying")
     assert line in result.message
+
+
+# ----------------------------------------------------------------------------- multi-node gangs
+
+
+def gang_pod(index: int, base: Obj, suffix: str = "a", created: str = T0) -> Obj:
+    """A pod of a multi-node job's Indexed Job: completion index annotation, name with index."""
+    member = copy.deepcopy(base)
+    member["metadata"]["name"] = f"support-lora-train-{index}-{suffix}{index}xyz"[:30]
+    member["metadata"]["creationTimestamp"] = created
+    member["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    return member
+
+
+GANG = {"resources": {"gpus": 0, "nodes": 2, "processesPerNode": 2}}
+
+
+def test_a_gang_runs_when_every_pod_runs_and_says_how_many_processes() -> None:
+    ftj = served(**GANG)
+    result = verdict(ftj, job(active=2), [gang_pod(0, running_pod()), gang_pod(1, waiting_pod(
+        "ContainerCreating", ""))])  # fmt: skip
+    assert (result.phase, result.reason) == ("Pending", "PodStarting")
+    result = verdict(ftj, job(active=2), [gang_pod(0, running_pod()), gang_pod(1, running_pod())])
+    assert (result.phase, result.reason) == ("Running", "TrainerRunning")
+    assert "2 pods, 4 processes" in result.message
+    assert "support-lora-train-0-" in result.message  # rank 0's pod reports the progress
+    result = verdict(ftj, job(active=1), [gang_pod(0, running_pod())])
+    assert (result.phase, result.reason) == ("Pending", "WaitingForPod")
+    assert "1 of 2 training pods" in result.message
+
+
+def test_a_gang_names_the_pod_that_failed_not_the_peers_that_lost_it() -> None:
+    ftj = served(**GANG)
+    oom = gang_pod(1, terminated_pod(exitcodes.OUT_OF_MEMORY, message="out of host memory: ..."))
+    lost = gang_pod(0, terminated_pod(exitcodes.PEER_LOST, message="a peer process is gone"),
+                    created=T1)  # fmt: skip
+    result = verdict(ftj, job(failed=1, active=0), [oom, lost])
+    assert (result.phase, result.reason) == ("Pending", "Retrying")
+    assert oom["metadata"]["name"] in result.message
+    assert "exit code 80: out of host memory" in result.message
+    assert "the 2 pods restart together" in result.message
+    # Out of retries: the reason is the root failure's, not PeerLost's.
+    crash = gang_pod(
+        1, terminated_pod(1, message="Traceback (most recent call last):\nKeyError: 'x'")
+    )
+    failed = failed_job("BackoffLimitExceeded", "Job has reached the specified backoff limit", 3)
+    result = verdict(ftj, failed, [crash, lost])
+    assert (result.phase, result.reason) == ("Failed", "BackoffLimitExceeded")
+    assert "KeyError: 'x'" in result.message
+    data = gang_pod(1, terminated_pod(exitcodes.DATA_ERROR, message="data error: line 3"))
+    failed = failed_job("PodFailurePolicy", "Container trainer for pod ... exit code 65")
+    result = verdict(ftj, failed, [data, lost])
+    assert (result.phase, result.reason) == ("Failed", "DataError")
+
+
+def test_the_root_failure_is_the_newest_with_a_reason_of_its_own() -> None:
+    lost = terminated_pod(exitcodes.PEER_LOST, name="b")
+    own = terminated_pod(1, name="a")
+    assert status.root_failed_pod([own, lost]) is own
+    assert status.root_failed_pod([lost]) is lost
+    assert status.root_failed_pod([]) is None

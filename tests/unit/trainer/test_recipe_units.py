@@ -11,6 +11,8 @@ import math
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,9 @@ from kubetune_trainer.checkpoint import (
     CheckpointPolicy,
     TrainerState,
     capture_rng,
+    load_training_state,
     restore_rng,
+    save_training_state,
     spec_differences,
     spec_hash,
     training_spec,
@@ -97,6 +101,26 @@ def test_schedules_warm_up_then_follow_their_shape(kind: str) -> None:
         assert f[55] == pytest.approx(0.5)
         assert 0 < f[-1] < 0.001
         assert all(a >= b for a, b in itertools.pairwise(f[10:]))
+
+
+def test_a_cpu_process_of_a_gang_resumes_its_optimizer(tmp_path: Path) -> None:
+    """Under torchrun on CPU, accelerate's device is cpu:<local rank>: torch.load cannot map
+    that tag, and a multi-node CPU job failed to resume (found by tests/e2e/test_multinode_e2e)."""
+    param = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([param], lr=1e-2)
+    param.grad = torch.ones(2)
+    opt.step()
+    sched = build_scheduler(opt, kind="cosine", total_steps=4, warmup_ratio=0.0)
+    state = TrainerState(step=1, total_steps=4, epoch=0, batch_index=1, spec_hash="h",
+                         training_spec={}, data_fingerprint="d")  # fmt: skip
+    save_training_state(tmp_path, state=state, optimizer=opt, scheduler=sched)
+    fresh = torch.optim.AdamW([param], lr=1e-2)
+    fresh_sched = build_scheduler(fresh, kind="cosine", total_steps=4, warmup_ratio=0.0)
+    load_training_state(tmp_path, optimizer=fresh, scheduler=fresh_sched,
+                        device=torch.device("cpu", 0))  # fmt: skip
+    assert torch.equal(
+        fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
 
 
 def test_scheduler_state_resumes_the_same_learning_rates() -> None:
@@ -462,3 +486,20 @@ def test_only_rank_zero_logs_progress_under_torchrun(capsys: pytest.CaptureFixtu
     assert "WARNING [rank 1] kubetune_trainer.test: packing off" in out
     assert "INFO [rank 0] kubetune_trainer.test: step 2/2" in out
     assert "INFO kubetune_trainer.test: single process" in out
+
+
+def test_peak_rss_is_the_trainers_own_not_the_parent_processs() -> None:
+    """A trainer started from a large process (pytest after the whole suite, a notebook) reported
+    that process's high-water mark: Linux carries ru_maxrss across fork + exec."""
+    ballast = bytearray(1536 * 2**20)  # 1.5 GiB resident in this (parent) process
+    page = os.sysconf("SC_PAGE_SIZE")
+    ballast[::page] = b"\x01" * len(range(0, len(ballast), page))  # touched, so resident
+    child = subprocess.run(
+        [sys.executable, "-c", "from kubetune_trainer import recipe; print(recipe.peak_rss())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    del ballast
+    peak = int(child.stdout)
+    assert 50 * 2**20 < peak < 1024 * 2**20, peak  # torch imported: hundreds of MiB, not 1.5 GiB
