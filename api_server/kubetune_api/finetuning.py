@@ -20,7 +20,7 @@ from kubetune_api import events, jobs
 from kubetune_api.context import Context
 from kubetune_api.errors import ApiError, bad_request, conflict, from_validation
 from kubetune_api.files import Files
-from kubetune_api.hyperparameters import resolve
+from kubetune_api.hyperparameters import resolve, resolve_beta
 from kubetune_api.identity import Caller
 from kubetune_api.kube import FIELD_MANAGER, MERGE_PATCH, path
 from kubetune_api.pagination import limit_of, paginate
@@ -31,11 +31,14 @@ from kubetune_api.schemas import (
     JobCreate,
     JobEvent,
     ListPage,
+    StoredFile,
 )
+from kubetune_trainer.api import PREFERENCE_FORMATS
 from kubetune_trainer.training_log import EvalRecord, TrainRecord
 
 MAX_PAGE: Final = 1000
-SUPPORTED_METHODS: Final = ("supervised",)
+# method.type -> the FineTuneJob's spec.objective
+OBJECTIVES: Final = {"supervised": "sft", "dpo": "dpo"}
 _METADATA_PARAM = "metadata["
 
 
@@ -48,7 +51,8 @@ def metadata_filter(query: Mapping[str, str]) -> dict[str, str]:
     return wanted
 
 
-def _method(request: JobCreate) -> None:
+def objective_of(request: JobCreate) -> str:
+    """The FineTuneJob objective the request's method asks for; 400 for what cannot run."""
     if request.integrations:
         raise bad_request(
             "integrations are not supported: training metrics are in the job's events and "
@@ -56,20 +60,52 @@ def _method(request: JobCreate) -> None:
             param="integrations",
         )
     if request.method is None:
-        return
+        return "sft"
     kind = request.method.type
-    if kind not in SUPPORTED_METHODS:
-        what = {"dpo": "DPO", "reinforcement": "reinforcement fine-tuning"}.get(kind, repr(kind))
+    if kind not in OBJECTIVES:
+        what = {"reinforcement": "reinforcement fine-tuning"}.get(kind, repr(kind))
         raise bad_request(
             f"method.type {kind!r} is not supported: the kubetune trainer does supervised "
-            f"fine-tuning only (method.type 'supervised'), not {what}",
+            f"fine-tuning (method.type 'supervised') and preference tuning (method.type "
+            f"'dpo'), not {what}",
             param="method.type",
             code="unsupported_method",
         )
-    if request.method.dpo is not None or request.method.reinforcement is not None:
+    others = [
+        name
+        for name in ("supervised", "dpo", "reinforcement")
+        if name != kind and getattr(request.method, name) is not None
+    ]
+    if others:
         raise bad_request(
-            "method: only method.supervised may be given with type 'supervised'", param="method"
+            f"method: only method.{kind} may be given with type {kind!r} (got method.{others[0]})",
+            param=f"method.{others[0]}",
         )
+    return OBJECTIVES[kind]
+
+
+def check_file_formats(objective: str, training: StoredFile, validation: StoredFile | None) -> None:
+    """Preference pairs train with dpo, everything else with supervised: said at create time,
+    not as a failed job (the FineTuneJob schema would refuse the pair too, less clearly)."""
+    for param, stored in (("training_file", training), ("validation_file", validation)):
+        if stored is None:
+            continue
+        pairs = stored.format in PREFERENCE_FORMATS
+        if objective == "dpo" and not pairs:
+            raise bad_request(
+                f"{param} {stored.id} holds {stored.format} records; method.type 'dpo' trains "
+                'on preference pairs: {"input": {"messages": [...]}, "preferred_output": [...], '
+                '"non_preferred_output": [...]} or prompt/chosen/rejected records',
+                param=param,
+                code="invalid_file_format",
+            )
+        if objective == "sft" and pairs:
+            raise bad_request(
+                f"{param} {stored.id} holds preference pairs ({stored.format}); they train "
+                "with method={'type': 'dpo'}, or upload chat records for supervised fine-tuning",
+                param=param,
+                code="invalid_file_format",
+            )
 
 
 def _checkpoint_metrics(step: int, records: list[TrainRecord | EvalRecord]) -> CheckpointMetrics:
@@ -97,7 +133,7 @@ class FineTuning:
             request = JobCreate.model_validate(body)
         except ValidationError as err:
             raise from_validation(err) from None
-        _method(request)
+        objective = objective_of(request)
         model = context.models.get(request.model)
         if model is None:
             offered = ", ".join(context.models) or "none"
@@ -118,10 +154,17 @@ class FineTuning:
                     param="validation_file",
                     code="invalid_validation_file",
                 )
+        check_file_formats(objective, training, validation)
         given, param = request.hyperparameters, "hyperparameters"
-        supervised = request.method.supervised if request.method is not None else None
-        if supervised is not None and supervised.hyperparameters is not None:
-            given, param = supervised.hyperparameters, "method.supervised.hyperparameters"
+        method = request.method
+        beta = None
+        if method is not None and method.supervised and method.supervised.hyperparameters:
+            given, param = method.supervised.hyperparameters, "method.supervised.hyperparameters"
+        if objective == "dpo":
+            dpo = method.dpo.hyperparameters if method and method.dpo else None
+            if dpo is not None:
+                given, param = dpo, "method.dpo.hyperparameters"
+            beta = resolve_beta(dpo.beta if dpo else "auto", "method.dpo.hyperparameters.beta")
         resolved = resolve(
             given,
             examples=training.records or 1,
@@ -141,6 +184,8 @@ class FineTuning:
             metadata=request.metadata,
             credentials_secret=context.settings.job_credentials_secret,
             idempotency_key=idempotency_key,
+            objective=objective,
+            beta=beta,
         )
         manifest = jobs.finetunejob(new, context.store.layout)
         try:

@@ -9,6 +9,8 @@
 - learning_rate_multiplier: multiplies the model's learning rate (the catalogue entry's
   spec.hyperparameters.learningRate, else the FineTuneJob default 2e-4). auto: 1, the rate
   chosen for the model by whoever manages the catalogue.
+- beta (method dpo): the FineTuneJob's spec.dpo.beta. auto: its default, 0.1 (TRL's and the
+  hosted API's).
 The resolved numbers are what the job shows in `hyperparameters`.
 """
 
@@ -20,6 +22,7 @@ from typing import Any, Final
 
 from kubetune_api.errors import bad_request
 from kubetune_api.schemas import HyperparametersIn, ResolvedHyperparameters
+from kubetune_trainer.api import DpoConfig
 
 TARGET_EPOCHS: Final = 3
 MIN_TARGET_EXAMPLES: Final = 100
@@ -30,6 +33,9 @@ MAX_EPOCHS: Final = 1000  # the FineTuneJob's limit
 MAX_BATCH_SIZE: Final = 1024
 BATCH_FRACTION: Final = 0.002
 MAX_LEARNING_RATE: Final = 1.0  # the FineTuneJob's limit
+_BETA = DpoConfig.model_fields["beta"]
+DEFAULT_BETA: Final[float] = _BETA.default
+MAX_BETA: Final[float] = next(float(m.le) for m in _BETA.metadata if hasattr(m, "le"))
 
 
 @dataclass(frozen=True)
@@ -119,3 +125,18 @@ def resolve(
             code="invalid_hyperparameter",
         )
     return Resolved(epochs, batch, multiplier, learning_rate)
+
+
+def resolve_beta(value: Any, param: str) -> float:
+    """method.dpo.hyperparameters.beta: "auto" (the FineTuneJob default) or a number in
+    (0, MAX_BETA]; 400 naming it otherwise."""
+    if _is_auto(value):
+        return DEFAULT_BETA
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_BETA:
+        raise bad_request(
+            f'{param} must be a number greater than 0 and at most {MAX_BETA:g}, or "auto" '
+            f"(got {value!r})",
+            param=param,
+            code="invalid_hyperparameter",
+        )
+    return float(value)

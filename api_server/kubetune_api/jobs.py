@@ -26,13 +26,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kubetune_api.catalogue import CatalogueModel, merge
 from kubetune_api.errors import bad_request
-from kubetune_api.hyperparameters import Resolved
+from kubetune_api.hyperparameters import DEFAULT_BETA, Resolved
 from kubetune_api.objectstore import Layout
 from kubetune_api.schemas import (
+    DpoMethod,
     FineTuningJob,
     JobError,
     JobStatus,
     Method,
+    ResolvedDpoHyperparameters,
     ResolvedHyperparameters,
     StoredFile,
     SupervisedMethod,
@@ -88,6 +90,7 @@ class Recorded(BaseModel):
     suffix: str | None = None
     metadata: dict[str, str] | None = None
     hyperparameters: ResolvedHyperparameters | None = None
+    beta: float | None = None  # method dpo
 
 
 @dataclass(frozen=True)
@@ -282,9 +285,20 @@ def to_openai(
         estimated_finish=estimated,
         integrations=[],
         metadata=metadata if isinstance(metadata, dict) else None,
-        method=Method(supervised=SupervisedMethod(hyperparameters=hyperparameters)),
+        method=_method(job, hyperparameters),
         user_provided_suffix=recorded.get("suffix"),
     )
+
+
+def _method(job: JobView, hyperparameters: ResolvedHyperparameters) -> Method:
+    """The job's method, from its spec (so a kubectl-applied dpo job reads as one too)."""
+    if job.spec.get("objective") != "dpo":
+        return Method(supervised=SupervisedMethod(hyperparameters=hyperparameters))
+    beta = job.openai.get("beta")
+    if beta is None:
+        beta = (job.spec.get("dpo") or {}).get("beta", DEFAULT_BETA)
+    dpo = ResolvedDpoHyperparameters(**hyperparameters.model_dump(), beta=beta)
+    return Method(type="dpo", dpo=DpoMethod(hyperparameters=dpo))
 
 
 def metadata_matches(job: JobView, wanted: Mapping[str, str]) -> bool:
@@ -319,6 +333,8 @@ class NewJob:
     metadata: dict[str, str] | None
     credentials_secret: str | None
     idempotency_key: str | None
+    objective: str = "sft"  # or dpo (method.type dpo)
+    beta: float | None = None  # dpo only, resolved
 
 
 def _micro_batches(batch_size: int, model_max: int) -> tuple[int, int]:
@@ -343,7 +359,7 @@ def finetunejob(new: NewJob, layout: Layout) -> dict[str, Any]:
         storage["endpoint"] = layout.endpoint
     if new.credentials_secret:
         storage["credentialsSecretRef"] = {"name": new.credentials_secret}
-    owned = {
+    owned: dict[str, Any] = {
         "baseModel": {"uri": new.model.uri},
         "dataset": dataset,
         "hyperparameters": {
@@ -356,6 +372,9 @@ def finetunejob(new: NewJob, layout: Layout) -> dict[str, Any]:
         "output": {"uri": layout.job_output(new.namespace, new.name)},
         "storage": storage,
     }
+    if new.objective == "dpo":
+        owned["objective"] = "dpo"
+        owned["dpo"] = {"beta": new.beta if new.beta is not None else DEFAULT_BETA}
     spec = merge(new.model.spec, owned)
     try:
         FineTuneSpec.model_validate(spec)
@@ -373,6 +392,7 @@ def finetunejob(new: NewJob, layout: Layout) -> dict[str, Any]:
         "suffix": new.suffix,
         "metadata": new.metadata,
         "hyperparameters": new.resolved.public().model_dump(),
+        "beta": new.beta if new.objective == "dpo" else None,
     }
     annotations = {JOB_ANNOTATION: json.dumps(recorded, sort_keys=True)}
     if new.idempotency_key:

@@ -87,13 +87,22 @@ class JobError(_Out):
     param: str | None = None
 
 
+class ResolvedDpoHyperparameters(ResolvedHyperparameters):
+    beta: float | Auto | None = None
+
+
 class SupervisedMethod(_Out):
     hyperparameters: ResolvedHyperparameters
 
 
+class DpoMethod(_Out):
+    hyperparameters: ResolvedDpoHyperparameters
+
+
 class Method(_Out):
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedMethod
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
 
 
 class FineTuningJob(_Out):
@@ -200,14 +209,22 @@ class HyperparametersIn(_In):
     learning_rate_multiplier: Any = "auto"
 
 
+class DpoHyperparametersIn(HyperparametersIn):
+    beta: Any = "auto"
+
+
 class SupervisedIn(_In):
     hyperparameters: HyperparametersIn | None = None
+
+
+class DpoIn(_In):
+    hyperparameters: DpoHyperparametersIn | None = None
 
 
 class MethodIn(_In):
     type: str
     supervised: SupervisedIn | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoIn | None = None
     reinforcement: dict[str, Any] | None = None
 
 

@@ -40,6 +40,19 @@ def chat_lines(count: int, seed: int = 0) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in assets.chat_records(count, seed)).encode()
 
 
+def preference_lines(count: int) -> bytes:
+    """Preference pairs in the hosted API's DPO layout."""
+    lines = []
+    for i in range(count):
+        record = {
+            "input": {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}]},
+            "preferred_output": [{"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}],
+            "non_preferred_output": [{"role": "assistant", "content": "I cannot say."}],
+        }
+        lines.append(json.dumps(record) + "\n")
+    return "".join(lines).encode()
+
+
 @contextmanager
 def install_user_role(cluster: Cluster) -> Iterator[str]:
     """The chart's user ClusterRole under a unique release name; yields its name."""

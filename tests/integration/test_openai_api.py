@@ -29,6 +29,7 @@ from openai_support import (
     api_server_env,
     chat_lines,
     install_user_role,
+    preference_lines,
     user_token,
 )
 from operator_harness import (
@@ -272,6 +273,36 @@ def test_pause_and_resume(env: Env) -> None:
 # ------------------------------------------------------------------------- kubectl jobs
 
 
+def test_method_dpo_trains_preference_pairs_as_a_dpo_finetunejob(env: Env) -> None:
+    """The hosted API's DPO call, unchanged: a preference file and method dpo with beta."""
+    client = env.client()
+    path = env.workdir / "preferences.jsonl"
+    path.write_bytes(preference_lines(30))
+    pairs = client.files.create(file=path.open("rb"), purpose="fine-tune")
+    assert pairs.status == "processed"
+    job = client.fine_tuning.jobs.create(
+        training_file=pairs.id, model=SUCCEED,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3, "n_epochs": 2}}},
+    )  # fmt: skip
+    assert job.method is not None and job.method.type == "dpo" and job.method.dpo is not None
+    assert job.method.dpo.hyperparameters.beta == 0.3
+    assert job.method.dpo.hyperparameters.n_epochs == 2
+    spec = env.cluster.get("ftj", job.id, env.ns_a)["spec"]
+    assert spec["objective"] == "dpo" and spec["dpo"]["beta"] == 0.3
+    assert spec["dataset"]["format"] == "preference"
+    assert wait_status(client, job.id, "succeeded", "failed").status == "succeeded"
+    # Pairs never train as supervised data, said at create time.
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(training_file=pairs.id, model=SUCCEED)
+    assert err.value.param == "training_file"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(
+            training_file=pairs.id, model=SUCCEED,
+            method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 11}}},
+        )  # fmt: skip
+    assert err.value.param == "method.dpo.hyperparameters.beta"
+
+
 def test_a_finetunejob_applied_with_kubectl_is_a_job_too(env: Env) -> None:
     name = "applied-by-kubectl"
     manifest = {
@@ -388,8 +419,14 @@ def test_bad_input_gets_openai_errors_naming_the_field_or_line(env: Env) -> None
     err = bad_request(jobs.create, training_file=good.id, model=SUCCEED,
                       hyperparameters={"n_epochs": -3})  # fmt: skip
     assert err.param == "hyperparameters.n_epochs"
+    err = bad_request(jobs.create, training_file=good.id, model=SUCCEED,
+                      method={"type": "reinforcement"})  # fmt: skip
+    assert err.param == "method.type" and err.code == "unsupported_method"
     err = bad_request(jobs.create, training_file=good.id, model=SUCCEED, method={"type": "dpo"})
-    assert err.param == "method.type"
+    assert err.param == "training_file" and "preference pairs" in err.message
+    err = bad_request(jobs.create, training_file=good.id, model=SUCCEED,
+                      method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}})  # fmt: skip
+    assert err.param == "training_file"  # the file is checked first
     big = b'{"text": "' + b"x" * (MAX_UPLOAD + 1000) + b'"}\n'
     err = bad_request(client.files.create, file=("big.jsonl", big), purpose="fine-tune")
     assert err.code == "file_too_large"

@@ -9,7 +9,8 @@ import pytest
 
 from kubetune_api.catalogue import parse_catalogue
 from kubetune_api.errors import ApiError
-from kubetune_api.hyperparameters import Resolved
+from kubetune_api.finetuning import check_file_formats, objective_of
+from kubetune_api.hyperparameters import DEFAULT_BETA, Resolved, resolve_beta
 from kubetune_api.jobs import (
     CREATED_BY,
     CREATED_BY_LABEL,
@@ -27,7 +28,7 @@ from kubetune_api.jobs import (
     to_openai,
 )
 from kubetune_api.objectstore import Layout
-from kubetune_api.schemas import StoredFile
+from kubetune_api.schemas import JobCreate, StoredFile
 from kubetune_trainer.api import FineTuneSpec
 
 LAYOUT = Layout("kubetune", "openai", "http://127.0.0.1:9000")
@@ -228,3 +229,90 @@ def test_an_edited_annotation_never_breaks_the_job() -> None:
         meta = {**view.meta, "annotations": {JOB_ANNOTATION: garbage}}
         job = to_openai(JobView({**view.body, "metadata": meta}), MODELS, {})
         assert job.metadata is None and job.training_file == "s3://kubetune/data/train.jsonl"
+
+
+# ------------------------------------------------------------------------------------- dpo
+
+PAIRS = TRAIN.model_copy(update={"id": "file-" + "b" * 24, "format": "preference"})
+
+
+def _create(**method: Any) -> JobCreate:
+    return JobCreate.model_validate({"model": "tiny-llama", "training_file": TRAIN.id, **method})
+
+
+def test_method_dpo_is_a_dpo_finetunejob_with_its_beta_and_reads_back_as_dpo() -> None:
+    new = NewJob(
+        name="ftjob-dpo", namespace="team-a", model=MODELS["tiny-llama"], training=PAIRS,
+        validation=None, resolved=Resolved(2, 4, 1.0, 0.003), seed=5, suffix=None,
+        metadata=None, credentials_secret=None, idempotency_key=None, objective="dpo", beta=0.25,
+    )  # fmt: skip
+    manifest = finetunejob(new, LAYOUT)
+    spec = FineTuneSpec.model_validate(manifest["spec"])  # the CEL rule's twin: format and dpo
+    assert spec.objective == "dpo" and spec.dpo.beta == 0.25
+    assert spec.dataset.format == "preference"
+    job = to_openai(JobView({**manifest, "status": {}}), MODELS, {})
+    assert job.method is not None and job.method.type == "dpo" and job.method.supervised is None
+    assert job.method.dpo is not None
+    assert job.method.dpo.hyperparameters.model_dump() == {
+        "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "beta": 0.25,
+    }  # fmt: skip
+
+
+def test_a_kubectl_applied_dpo_job_reads_its_method_from_the_spec() -> None:
+    job = to_openai(ftj(spec={"objective": "dpo", "dpo": {"beta": 0.5}}), MODELS, {})
+    assert job.method is not None and job.method.type == "dpo"
+    assert job.method.dpo is not None and job.method.dpo.hyperparameters.beta == 0.5
+    default = to_openai(ftj(spec={"objective": "dpo"}), MODELS, {})
+    assert default.method is not None and default.method.dpo is not None
+    assert default.method.dpo.hyperparameters.beta == DEFAULT_BETA == 0.1
+
+
+@pytest.mark.parametrize(
+    ("method", "objective"),
+    [
+        (None, "sft"),
+        ({"type": "supervised"}, "sft"),
+        ({"type": "dpo"}, "dpo"),
+        ({"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}}, "dpo"),
+    ],
+)
+def test_method_type_chooses_the_objective(method: Any, objective: str) -> None:
+    assert objective_of(_create(**({"method": method} if method else {}))) == objective
+
+
+@pytest.mark.parametrize(
+    ("method", "param", "words"),
+    [
+        ({"type": "reinforcement"}, "method.type", "reinforcement fine-tuning"),
+        ({"type": "dpo", "supervised": {}}, "method.supervised", "only method.dpo"),
+        ({"type": "supervised", "dpo": {}}, "method.dpo", "only method.supervised"),
+    ],
+)
+def test_methods_that_cannot_run_are_400s_naming_the_field(
+    method: Any, param: str, words: str
+) -> None:
+    with pytest.raises(ApiError) as err:
+        objective_of(_create(method=method))
+    assert err.value.status == 400 and err.value.param == param and words in err.value.message
+
+
+def test_files_must_fit_the_method() -> None:
+    check_file_formats("dpo", PAIRS, None)
+    check_file_formats("sft", TRAIN, TRAIN)
+    with pytest.raises(ApiError) as err:
+        check_file_formats("dpo", TRAIN, None)
+    assert err.value.param == "training_file" and "holds chat records" in err.value.message
+    with pytest.raises(ApiError) as err:
+        check_file_formats("sft", PAIRS, None)
+    assert err.value.param == "training_file" and "'type': 'dpo'" in err.value.message
+    with pytest.raises(ApiError) as err:
+        check_file_formats("dpo", PAIRS, TRAIN)
+    assert err.value.param == "validation_file"
+
+
+@pytest.mark.parametrize("beta", [0, -1, 11, True, "high"])
+def test_beta_out_of_range_is_a_400_naming_it(beta: Any) -> None:
+    with pytest.raises(ApiError) as err:
+        resolve_beta(beta, "method.dpo.hyperparameters.beta")
+    assert err.value.param == "method.dpo.hyperparameters.beta"
+    assert resolve_beta("auto", "b") == DEFAULT_BETA and resolve_beta(10, "b") == 10.0
