@@ -25,7 +25,7 @@ from typing import Any
 
 import kopf
 
-from kubetune_operator import metrics, observed, reconcile, serving_reconcile
+from kubetune_operator import metrics, observed, reconcile, serving_reconcile, status
 from kubetune_operator.kube import Kube
 from kubetune_operator.kube import login as kube_login
 from kubetune_operator.manifests import ftj_name_of
@@ -242,6 +242,11 @@ async def ftj_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **kwargs
         serving_reconcile.relevant(body) or (type == "DELETED" and body.status.get("serving"))
     ):
         await _serve(memo, body.metadata.namespace or "", kwargs)
+    if isinstance(op, reconcile.Operator) and type != "DELETED" and status.ready_stale(body):
+        # status.serving changed (its writer is serving_reconcile): Ready follows, written by
+        # the one writer of the conditions.
+        namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+        await reconcile.sync_status(op, namespace, name, ftj=_ftj(body), seen=_seen(kwargs))
 
 
 def _waiting_to_be_served(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:

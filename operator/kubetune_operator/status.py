@@ -11,9 +11,14 @@ is a function of the present, not of the events that led there. The exceptions a
 monotonic: startTime and completionTime are set once, and a terminal phase (Succeeded, Failed,
 Cancelled) is final.
 
-Conditions follow metav1.Condition and kstatus: Reconciling is True while the job makes
-progress towards completion, Stalled is True when it failed for good, Ready (and Succeeded) only
-when it succeeded. A condition's lastTransitionTime changes only when its status does.
+Conditions are the source of truth and follow metav1.Condition: one per state (Queued, Running,
+Suspended, Complete, Failed, Cancelled; none True while Pending), `phase` is derived from them
+(`phase_of`) for the printer column and older clients. Ready means the result can be used: the
+job completed and, when spec.serving asks for it, its adapter is being served (status.serving,
+written by serving_reconcile; `ready_stale` tells the FineTuneJob's watch handler when Ready must
+be recomputed). kstatus reads Reconciling (True while the job or its serving makes progress) and
+Stalled (True when it failed for good). A condition's lastTransitionTime changes only when its
+status does.
 """
 
 from __future__ import annotations
@@ -41,7 +46,21 @@ OWNED_FIELDS: Final = (
 )
 TERMINAL: Final = frozenset({"Succeeded", "Failed", "Cancelled"})
 IN_PROGRESS: Final = frozenset({"Pending", "Queued", "Running"})
-CONDITION_TYPES: Final = ("Ready", "Succeeded", "Failed", "Reconciling", "Stalled")
+# The state conditions, in the order phase_of reads them, with the phase each one means.
+STATE_CONDITIONS: Final[tuple[tuple[str, Phase], ...]] = (
+    ("Cancelled", "Cancelled"),
+    ("Failed", "Failed"),
+    ("Complete", "Succeeded"),
+    ("Suspended", "Suspended"),
+    ("Running", "Running"),
+    ("Queued", "Queued"),
+)
+CONDITION_TYPES: Final = (
+    *(kind for kind, _ in STATE_CONDITIONS),
+    "Ready",
+    "Reconciling",
+    "Stalled",
+)
 # Reasons that need someone's attention: posted as Warning events.
 PROBLEMS: Final = frozenset(
     {
@@ -60,6 +79,8 @@ PROBLEMS: Final = frozenset(
         "PodCreateFailed",
     }
 )
+# Condition types this operator wrote in earlier versions; removed from a status it rewrites.
+RETIRED: Final = frozenset({"Succeeded"})
 IMAGE_PULL_REASONS: Final = frozenset(
     {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull"}
 )
@@ -675,21 +696,70 @@ def spec_applied(ftj: Body, refused: str | None) -> Body:
     }
 
 
+def phase_of(conditions: Sequence[Body]) -> Phase:
+    """The phase the conditions say: the first True state condition's, else Pending."""
+    true = {c.get("type") for c in conditions if c.get("status") == "True"}
+    return next((phase for kind, phase in STATE_CONDITIONS if kind in true), "Pending")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether a FineTuneJob's result can be used, and why (the Ready condition)."""
+
+    ready: bool
+    reason: str
+    message: str
+    waiting: bool = False  # progressing towards Ready (a succeeded job not served yet)
+
+
+def readiness(verdict: Verdict, ftj: Body) -> Readiness:
+    """Ready: complete, and served when spec.serving.enabled (status.serving.phase Serving)."""
+    if verdict.phase != "Succeeded":
+        return Readiness(False, verdict.reason, verdict.message)
+    if not ((ftj.get("spec") or {}).get("serving") or {}).get("enabled"):
+        return Readiness(True, verdict.reason, verdict.message)
+    serving = (ftj.get("status") or {}).get("serving") or {}
+    phase = serving.get("phase")
+    if phase == "Serving":
+        return Readiness(True, "Serving", str(serving.get("message") or "Served."))
+    reason = str(serving.get("reason") or "WaitingToBeServed")
+    message = str(
+        serving.get("message")
+        or "Training succeeded; waiting for the operator to serve the adapter (spec.serving)."
+    )
+    return Readiness(False, reason, message, waiting=phase not in ("NotServed", "Failed"))
+
+
+def ready_stale(ftj: Body) -> bool:
+    """A succeeded FineTuneJob whose Ready condition no longer matches its status.serving:
+    the serving side changed it, so the status must be computed again."""
+    current = ftj.get("status") or {}
+    if current.get("phase") != "Succeeded":
+        return False
+    verdict = Verdict("Succeeded", str(current.get("reason") or ""), "")
+    wanted = readiness(verdict, ftj)
+    ready = _true_condition(ftj, "Ready") is not None
+    old = next((c for c in _conditions(ftj) if c.get("type") == "Ready"), None)
+    return ready != wanted.ready or (old is not None and old.get("reason") != wanted.reason)
+
+
 def conditions(
     verdict: Verdict,
     generation: int | None,
     previous: Sequence[Body],
     now: datetime,
+    *,
     extra: Body | None = None,
+    ready: Readiness | None = None,
 ) -> list[Body]:
-    """Our five conditions (then any others, untouched, or replaced by `extra` of the same
-    type), lastTransitionTime kept when the status of a condition did not change."""
+    """Our conditions (then any others, untouched, or replaced by `extra` of the same type),
+    lastTransitionTime kept when the status of a condition did not change."""
     phase = verdict.phase
-    wanted = {
-        "Ready": phase == "Succeeded",
-        "Succeeded": phase == "Succeeded",
-        "Failed": phase == "Failed",
-        "Reconciling": phase in IN_PROGRESS,
+    ready = ready or readiness(verdict, {})
+    wanted = {kind: phase == means for kind, means in STATE_CONDITIONS}
+    wanted |= {
+        "Ready": ready.ready,
+        "Reconciling": phase in IN_PROGRESS or ready.waiting,
         "Stalled": phase == "Failed",
     }
     by_type = {str(c.get("type")): c for c in previous}
@@ -698,18 +768,22 @@ def conditions(
         status = "True" if wanted[kind] else "False"
         old = by_type.get(kind)
         since = rfc3339(now) if old is None or old.get("status") != status else None
+        reason, message = verdict.reason, verdict.message
+        if kind == "Ready" or (kind == "Reconciling" and ready.waiting):
+            reason, message = ready.reason, ready.message
         cond: dict[str, Any] = {
             "type": kind,
             "status": status,
             "observedGeneration": generation,
             "lastTransitionTime": since or (old or {}).get("lastTransitionTime") or rfc3339(now),
-            "reason": verdict.reason,
-            "message": verdict.message,
+            "reason": reason,
+            "message": message,
         }
         if generation is None:
             del cond["observedGeneration"]
         out.append(cond)
-    others = [c for c in previous if c.get("type") not in wanted]
+    # Conditions of ours that are gone (Succeeded, before Complete) are dropped, not kept.
+    others = [c for c in previous if c.get("type") not in wanted and c.get("type") not in RETIRED]
     if extra is not None:
         old = next((c for c in others if c.get("type") == extra["type"]), None)
         same = old is not None and old.get("status") == extra["status"]
@@ -737,13 +811,19 @@ def desired_status(
         ftj, job, pods, spec=spec, spec_error=spec_error, blocker=blocker, workload=workload
     )
     generation = ftj["metadata"].get("generation")
+    conds = conditions(
+        verdict,
+        generation,
+        current.get("conditions") or [],
+        now,
+        extra=condition,
+        ready=readiness(verdict, ftj),
+    )
     out: dict[str, Any] = {
-        "phase": verdict.phase,
+        "phase": phase_of(conds),  # derived: the conditions are the truth
         "reason": verdict.reason,
         "message": verdict.message,
-        "conditions": conditions(
-            verdict, generation, current.get("conditions") or [], now, condition
-        ),
+        "conditions": conds,
     }
     if generation is not None:
         out["observedGeneration"] = generation

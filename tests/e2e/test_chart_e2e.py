@@ -154,7 +154,7 @@ def test_lora_on_chat_data_succeeds_with_metrics_progress_and_outputs(installed:
     })  # fmt: skip
     stop_watch, steps = watch_steps(installed, "e2e-lora-chat")
     try:
-        wait_condition(installed, "e2e-lora-chat", "Succeeded", 600)
+        wait_condition(installed, "e2e-lora-chat", "Complete", 600)
     finally:
         stop_watch()
     status = installed.get("ftj", "e2e-lora-chat", NAMESPACE)["status"]
@@ -179,7 +179,7 @@ def test_full_fine_tuning_on_instruction_data_succeeds(installed: Cluster) -> No
     manifest = apply_example(installed, "full-instruction.yaml", **{
         "metadata.name": "e2e-full", "spec.output.uri": "s3://kubetune/e2e/full-instruction/",
     })  # fmt: skip
-    wait_condition(installed, "e2e-full", "Succeeded", 600)
+    wait_condition(installed, "e2e-full", "Complete", 600)
     status = installed.get("ftj", "e2e-full", NAMESPACE)["status"]
     assert status["parameters"]["trainable"] == status["parameters"]["total"]
     sums = verify_outputs(installed, manifest["spec"]["output"]["uri"])
@@ -234,7 +234,7 @@ def test_two_gpu_job_trains_data_parallel_with_one_process_per_gpu(installed: Cl
         "spec.resources.gpus": 2, "spec.hyperparameters.epochs": 1,
         "spec.evaluation.enabled": False,
     })  # fmt: skip
-    wait_condition(installed, "e2e-ddp", "Succeeded", 600)
+    wait_condition(installed, "e2e-ddp", "Complete", 600)
     logs = installed.kubectl("logs", "-n", NAMESPACE, "job/e2e-ddp-train").stdout
     # Both processes plan (the line names them both), but only rank 0 logs progress.
     assert logs.count("x 2 process(es)") == 1, logs[-3000:]
@@ -278,7 +278,7 @@ def test_queued_job_waits_for_kueue_quota_with_the_reason_then_trains(installed:
         assert status["reason"] == "WaitingForAdmission"
         # The platform team makes room: Kueue admits the job, which trains as usual.
         cluster.kubectl("apply", "-f", "-", input=json.dumps(with_cpus("2")))
-        wait_condition(cluster, "e2e-queued", "Succeeded", 600)
+        wait_condition(cluster, "e2e-queued", "Complete", 600)
         reasons = set(events(cluster, "e2e-queued"))
         assert {"JobCreated", "WaitingForAdmission", "Succeeded"} <= reasons
         out = cluster.kubectl("get", "workloads.kueue.x-k8s.io", "-n", NAMESPACE, "-o", "json")
@@ -333,7 +333,7 @@ def test_qlora_sft_trains_on_the_cpu_cluster_and_publishes_only_the_adapter(
     manifest = apply_example(installed, "qlora.yaml", **{
         "metadata.name": "e2e-qlora", "spec.output.uri": "s3://kubetune/e2e/qlora/",
     })  # fmt: skip
-    wait_condition(installed, "e2e-qlora", "Succeeded", 600)
+    wait_condition(installed, "e2e-qlora", "Complete", 600)
     status = installed.get("ftj", "e2e-qlora", NAMESPACE)["status"]
     assert status["metrics"]["evalLoss"] < status["metrics"]["baseEvalLoss"]
     assert "qlora" in status["estimate"]["basis"] and "4-bit weights" in status["estimate"]["basis"]
@@ -352,7 +352,7 @@ def test_dpo_job_reports_rewards_live_and_beats_the_base_models_preferences(
     fields = ".status.stage},{.status.metrics.rewardMargin},{.status.metrics.preferenceAccuracy"
     stop_watch, seen = watch_field(installed, "e2e-dpo", fields)
     try:
-        wait_condition(installed, "e2e-dpo", "Succeeded", 600)
+        wait_condition(installed, "e2e-dpo", "Complete", 600)
     finally:
         stop_watch()
     status = installed.get("ftj", "e2e-dpo", NAMESPACE)["status"]

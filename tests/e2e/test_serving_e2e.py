@@ -150,6 +150,18 @@ def test_two_adapters_are_served_by_one_server_each_as_itself(
 
     served = wait_until(all_served, 900, "both jobs to be trained and served", interval=2)
     alpha, beta = served["alpha"], served["beta"]
+    # Ready means usable: complete and served (the operator re-reads Ready when serving changes).
+    for name in JOBS:
+
+        def ready(name: str = name) -> bool:
+            status = cluster.get("ftj", name, NAMESPACE)["status"]
+            conditions = {c["type"]: c for c in status["conditions"]}
+            assert conditions["Complete"]["status"] == "True" and status["phase"] == "Succeeded"
+            return conditions["Ready"]["status"] == "True" and conditions["Ready"]["reason"] == (
+                "Serving"
+            )
+
+        wait_until(ready, 60, f"{name} to be Ready (served)", interval=1)
     assert alpha["server"] == beta["server"] and alpha["endpoint"] == beta["endpoint"]
     assert (alpha["model"], beta["model"]) == ("alpha", "beta")
     deployment = cluster.get("deployment", alpha["server"], NAMESPACE)

@@ -313,9 +313,13 @@ def test_status_follows_the_pod_to_succeeded(
     # The operator's fields...
     assert status["reason"] == "Succeeded"
     assert conditions(status) == {
-        "Ready": "True",
-        "Succeeded": "True",
+        "Cancelled": "False",
         "Failed": "False",
+        "Complete": "True",
+        "Suspended": "False",
+        "Running": "False",
+        "Queued": "False",
+        "Ready": "True",  # not asked to be served: complete is usable
         "Reconciling": "False",
         "Stalled": "False",
     }

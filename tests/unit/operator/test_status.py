@@ -71,10 +71,15 @@ def test_no_job_yet_is_pending() -> None:
     result, patch = evaluate(served(), None, [])
     assert (result.phase, result.reason) == ("Pending", "Creating")
     assert patch["phase"] == "Pending"
+    # Pending: no state condition is True.
     assert conditions(patch) == {
-        "Ready": "False",
-        "Succeeded": "False",
+        "Cancelled": "False",
         "Failed": "False",
+        "Complete": "False",
+        "Suspended": "False",
+        "Running": "False",
+        "Queued": "False",
+        "Ready": "False",
         "Reconciling": "True",
         "Stalled": "False",
     }
@@ -97,6 +102,7 @@ def test_running_pod_is_running_and_starts_the_clock() -> None:
     assert (result.phase, result.reason) == ("Running", "TrainerRunning")
     assert patch["startTime"] == T1  # when the trainer container started, not when seen
     assert conditions(patch)["Reconciling"] == "True"
+    assert conditions(patch)["Running"] == "True"
     assert conditions(patch)["Ready"] == "False"
 
 
@@ -108,9 +114,13 @@ def test_succeeded() -> None:
     assert patch["completionTime"] == T2  # the Job's completionTime
     assert "startTime" not in patch  # unchanged
     assert conditions(patch) == {
-        "Ready": "True",
-        "Succeeded": "True",
+        "Cancelled": "False",
         "Failed": "False",
+        "Complete": "True",
+        "Suspended": "False",
+        "Running": "False",
+        "Queued": "False",
+        "Ready": "True",  # not served: complete is ready
         "Reconciling": "False",
         "Stalled": "False",
     }
@@ -405,7 +415,71 @@ def test_other_conditions_are_kept() -> None:
     ftj = served(status={"conditions": [foreign]})
     _, patch = evaluate(ftj, job(), [running_pod()])
     assert patch["conditions"][-1] == foreign
-    assert [c["type"] for c in patch["conditions"][:5]] == list(status.CONDITION_TYPES)
+    n = len(status.CONDITION_TYPES)
+    assert [c["type"] for c in patch["conditions"][:n]] == list(status.CONDITION_TYPES)
+
+
+def test_the_retired_succeeded_condition_is_replaced_by_complete() -> None:
+    old = {"type": "Succeeded", "status": "True", "lastTransitionTime": T1, "reason": "Succeeded",
+           "message": ""}  # fmt: skip
+    ftj = served(status={"phase": "Running", "conditions": [old]})
+    _, patch = evaluate(ftj, complete_job(), [terminated_pod(0, reason="Completed")])
+    assert "Succeeded" not in conditions(patch) and conditions(patch)["Complete"] == "True"
+
+
+# ----------------------------------------------------- phase derived, Ready means usable
+
+PHASES: list[str] = ["Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed",
+                     "Cancelled"]  # fmt: skip
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_the_phase_is_derived_from_the_conditions(phase: str) -> None:
+    verdict = status.Verdict(phase, "Why", "what")  # type: ignore[arg-type]
+    conds = status.conditions(verdict, 1, [], NOW)
+    assert status.phase_of(conds) == phase
+    true = [c["type"] for c in conds if c["status"] == "True"]
+    states = [kind for kind, _ in status.STATE_CONDITIONS]
+    assert len([t for t in true if t in states]) == (0 if phase == "Pending" else 1)
+
+
+def _succeeded(serving: dict[str, Any] | None, enabled: bool = True) -> Obj:
+    ftj = served(status={"phase": "Running", "startTime": T1, **TRAINER_STATUS})
+    ftj["spec"]["serving"] = {"enabled": enabled}
+    if serving is not None:
+        ftj["status"]["serving"] = serving
+    return ftj
+
+
+def test_a_served_job_is_ready_only_once_its_adapter_is_served() -> None:
+    done = (complete_job(), [terminated_pod(0, reason="Completed")])
+    waiting, patch = evaluate(_succeeded({"phase": "Loading", "reason": "AdapterLoading",
+                                          "message": "loading"}), *done)  # fmt: skip
+    assert waiting.phase == "Succeeded" and patch["phase"] == "Succeeded"
+    by_type = {c["type"]: c for c in patch["conditions"]}
+    assert by_type["Complete"]["status"] == "True"
+    assert by_type["Ready"]["status"] == "False" and by_type["Ready"]["reason"] == "AdapterLoading"
+    assert by_type["Reconciling"]["status"] == "True"  # kstatus: still in progress
+    _, patch = evaluate(_succeeded({"phase": "Serving", "message": "served as m"}), *done)
+    by_type = {c["type"]: c for c in patch["conditions"]}
+    assert by_type["Ready"]["status"] == "True" and by_type["Ready"]["message"] == "served as m"
+    assert by_type["Reconciling"]["status"] == "False"
+    # Serving impossible: Complete, not Ready, not progressing either.
+    _, patch = evaluate(_succeeded({"phase": "NotServed", "reason": "NoServer"}), *done)
+    assert (conditions(patch)["Ready"], conditions(patch)["Reconciling"]) == ("False", "False")
+
+
+def test_ready_is_stale_when_serving_changed_after_the_status_was_written() -> None:
+    done = (complete_job(), [terminated_pod(0, reason="Completed")])
+    ftj = _succeeded({"phase": "Loading"})
+    ftj = applied(ftj, evaluate(ftj, *done)[1])
+    assert not status.ready_stale(ftj)
+    ftj["status"]["serving"] = {"phase": "Serving", "message": "served"}
+    assert status.ready_stale(ftj)
+    ftj = applied(ftj, evaluate(ftj, *done, now=LATER)[1])
+    assert not status.ready_stale(ftj)
+    assert conditions(ftj["status"])["Ready"] == "True"
+    assert not status.ready_stale(served(status={"phase": "Running"}))
 
 
 def test_start_time_is_set_once() -> None:
