@@ -14,11 +14,12 @@ from kubetune_api import jobs
 from kubetune_api.catalogue import CatalogueModel, by_uri
 from kubetune_api.errors import ApiError
 from kubetune_api.identity import Caller, Identity
-from kubetune_api.kube import Kube, path
+from kubetune_api.kube import Kube
 from kubetune_api.objectstore import ObjectStore
 from kubetune_api.schemas import FineTuningJob
 from kubetune_api.settings import ApiSettings
 from kubetune_trainer.api import API_VERSION, PLURAL
+from kubetune_trainer.kubeapi import path
 
 log = logging.getLogger(__name__)
 

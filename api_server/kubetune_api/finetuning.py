@@ -22,7 +22,7 @@ from kubetune_api.errors import ApiError, bad_request, conflict, from_validation
 from kubetune_api.files import Files
 from kubetune_api.hyperparameters import resolve, resolve_beta
 from kubetune_api.identity import Caller
-from kubetune_api.kube import FIELD_MANAGER, MERGE_PATCH, path
+from kubetune_api.kube import FIELD_MANAGER
 from kubetune_api.pagination import limit_of, paginate
 from kubetune_api.schemas import (
     CheckpointMetrics,
@@ -34,6 +34,7 @@ from kubetune_api.schemas import (
     StoredFile,
 )
 from kubetune_trainer.api import PREFERENCE_FORMATS
+from kubetune_trainer.kubeapi import MERGE_PATCH, path
 from kubetune_trainer.training_log import EvalRecord, TrainRecord
 
 MAX_PAGE: Final = 1000

@@ -23,16 +23,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import yaml
 
 from kubetune_api.errors import ApiError
 from kubetune_api.settings import ApiSettings
+from kubetune_trainer.kubeapi import error_message
 
 Body = dict[str, Any]
-MERGE_PATCH = "application/merge-patch+json"
 SA_CA = Path("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt")
 FIELD_MANAGER = "kubetune-api"
 _TIMEOUT = aiohttp.ClientTimeout(total=30)
@@ -107,36 +106,9 @@ def discover(settings: ApiSettings, env: Mapping[str, str] | None = None) -> End
     return found
 
 
-def path(
-    api_version: str,
-    plural: str,
-    namespace: str | None = None,
-    name: str | None = None,
-    subresource: str | None = None,
-) -> str:
-    root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    parts = [root]
-    if namespace:
-        parts.append(f"namespaces/{quote(namespace, safe='')}")
-    parts.append(plural)
-    if name:
-        parts.append(quote(name, safe=""))
-    if subresource:
-        parts.append(subresource)
-    return "/".join(parts)
-
-
-def _message(text: str, fallback: str) -> str:
-    try:
-        message = json.loads(text or "{}").get("message")
-    except (ValueError, AttributeError):
-        message = None
-    return str(message or fallback)
-
-
 def translate(status: int, text: str, headers: Mapping[str, str], what: str) -> ApiError:
     """A Kubernetes error response as an OpenAI error (see the module docstring)."""
-    message = _message(text, f"HTTP {status}")
+    message = error_message(text, f"HTTP {status}")
     if status == 401:
         return ApiError(
             401,

@@ -22,8 +22,9 @@ from kubetune_api.catalogue import CatalogueModel
 from kubetune_api.context import Context
 from kubetune_api.errors import ApiError, bad_request, not_found
 from kubetune_api.identity import Caller
-from kubetune_api.kube import FIELD_MANAGER, MERGE_PATCH
+from kubetune_api.kube import FIELD_MANAGER
 from kubetune_api.schemas import ListPage, ModelDeleted, ModelObject, ModelServing
+from kubetune_trainer.kubeapi import MERGE_PATCH
 
 
 class Models:

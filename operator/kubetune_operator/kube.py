@@ -24,17 +24,15 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import kopf
 
+from kubetune_trainer.kubeapi import MERGE_PATCH, InCluster, error_message, object_path
+
 Body = dict[str, Any]
 
-MERGE_PATCH = "application/merge-patch+json"
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _RETRYABLE = frozenset({429, 500, 502, 503, 504})
 _DEFAULT_DELAY = 5.0
 _FORBIDDEN_DELAY = 60.0
@@ -45,24 +43,17 @@ POOL_SIZE = 16
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
 
 
-def in_cluster(sa_dir: Path = SA_DIR) -> kopf.ConnectionInfo | None:
+def in_cluster(env: Mapping[str, str] | None = None) -> kopf.ConnectionInfo | None:
     """The pod's ServiceAccount, at the address Kubernetes puts in every pod's environment
-    (KUBERNETES_SERVICE_HOST/PORT, as client libraries do; no cluster DNS needed)."""
-    host, port = (
-        os.environ.get("KUBERNETES_SERVICE_HOST"),
-        os.environ.get("KUBERNETES_SERVICE_PORT"),
-    )
-    token = sa_dir / "token"
-    if not (host and port and token.exists()):
+    (kubeapi.InCluster), as Kopf's connection info."""
+    found = InCluster.from_env(env)
+    if found is None:
         return None
-    ca, namespace = sa_dir / "ca.crt", sa_dir / "namespace"
     return kopf.ConnectionInfo(
-        server=f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}",
-        ca_path=str(ca) if ca.exists() else None,
-        token=token.read_text(encoding="utf-8").strip() or None,
-        default_namespace=namespace.read_text(encoding="utf-8").strip()
-        if namespace.exists()
-        else None,
+        server=found.url,
+        ca_path=str(found.ca_file) if found.ca_file else None,
+        token=found.token() or None,
+        default_namespace=found.namespace(),
     )
 
 
@@ -79,55 +70,9 @@ def login(settings: kopf.OperatorSettings, logger: logging.Logger | Any) -> kopf
     return info
 
 
-def path(
-    api_version: str,
-    plural: str,
-    namespace: str | None = None,
-    name: str | None = None,
-    subresource: str | None = None,
-) -> str:
-    """The REST path of a collection or object: ("batch/v1", "jobs", "ns", "x") ->
-    /apis/batch/v1/namespaces/ns/jobs/x."""
-    root = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
-    parts = [root]
-    if namespace:
-        parts.append(f"namespaces/{quote(namespace, safe='')}")
-    parts.append(plural)
-    if name:
-        parts.append(quote(name, safe=""))
-    if subresource:
-        parts.append(subresource)
-    return "/".join(parts)
-
-
-_PLURALS = {
-    "ConfigMap": "configmaps",
-    "ServiceAccount": "serviceaccounts",
-    "Role": "roles",
-    "RoleBinding": "rolebindings",
-    "Job": "jobs",
-    "Deployment": "deployments",
-    "Service": "services",
-    "KopfPeering": "kopfpeerings",
-    "ClusterKopfPeering": "clusterkopfpeerings",
-}
-
-
-def object_path(body: Mapping[str, Any], *, collection: bool = False) -> str:
-    """The path of a manifest's object (or of its collection, to create it)."""
-    meta = body["metadata"]
-    plural = _PLURALS[body["kind"]]
-    name = None if collection else meta["name"]
-    return path(body["apiVersion"], plural, meta.get("namespace"), name)
-
-
 def describe(status: int, reason: str | None, text: str) -> str:
     """The API server's own message from an error response, else the HTTP reason."""
-    try:
-        message = json.loads(text or "{}").get("message")
-    except (ValueError, AttributeError):
-        message = None
-    return str(message or reason or status)
+    return error_message(text, str(reason or status))
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

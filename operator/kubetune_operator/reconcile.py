@@ -24,10 +24,11 @@ from typing import Any, Final, cast
 import kopf
 
 from kubetune_operator import manifests, metrics, observed, status, validation
-from kubetune_operator.kube import ApiError, Forbidden, Kube, path
+from kubetune_operator.kube import ApiError, Forbidden, Kube
 from kubetune_operator.serving_reconcile import ServingMemory
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.api import API_VERSION, PLURAL, FineTuneSpec
+from kubetune_trainer.kubeapi import path
 
 Body = Mapping[str, Any]
 

@@ -22,9 +22,10 @@ from typing import Any
 
 from kubetune_operator import serving
 from kubetune_operator import serving_manifests as sm
-from kubetune_operator.kube import Kube, object_path, path
+from kubetune_operator.kube import Kube
 from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.api import API_VERSION, PLURAL
+from kubetune_trainer.kubeapi import object_path, path
 from kubetune_trainer.serving import DESIRED_KEY, STATE_KEY, DesiredState, ServerState
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ from kubetune_serving.published import (
 from kubetune_serving.settings import AgentSettings, SettingsError, storage_config
 from kubetune_serving.vllm import Vllm
 from kubetune_trainer import exitcodes
+from kubetune_trainer.kubeapi import InCluster
 from kubetune_trainer.redact import install as install_redaction
-from kubetune_trainer.reporting import ApiServer
 from kubetune_trainer.storage import RETRIED_REASONS, Storage, StorageError, uri_scheme
 
 log = logging.getLogger("kubetune_serving")
@@ -130,7 +130,7 @@ def _fetch_model_command(args: argparse.Namespace) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     try:
         settings = AgentSettings.from_environment()
-        api = ApiServer.in_cluster()
+        api = InCluster.from_env()
         if api is None:
             raise SettingsError(
                 "not in a cluster: KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT and a "

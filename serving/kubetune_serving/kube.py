@@ -1,6 +1,6 @@
 """The agent's two Kubernetes calls: read a ConfigMap, merge-patch a ConfigMap's data.
 
-Where the API server is and the token come from the pod (kubetune_trainer.reporting.ApiServer:
+Where the API server is and the token come from the pod (kubetune_trainer.kubeapi.InCluster:
 KUBERNETES_SERVICE_HOST/PORT and the service account directory, KUBETUNE_SA_DIR to point
 elsewhere). The token is read for every request: projected tokens are rotated on disk.
 """
@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import httpx
 
-from kubetune_trainer.reporting import ApiServer
+from kubetune_trainer.kubeapi import MERGE_PATCH, InCluster, error_message, path
 
 FIELD_MANAGER: Final = "kubetune-serving-agent"
 
@@ -29,7 +29,7 @@ class KubeError(Exception):
 class ConfigMaps:
     """ConfigMaps of one namespace, with the pod's service account."""
 
-    def __init__(self, api: ApiServer, namespace: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, api: InCluster, namespace: str, *, timeout: float = 10.0) -> None:
         self.api = api
         self.namespace = namespace
         verify: ssl.SSLContext | bool = True
@@ -41,21 +41,18 @@ class ConfigMaps:
         self._client.close()
 
     def _path(self, name: str) -> str:
-        return f"/api/v1/namespaces/{self.namespace}/configmaps/{name}"
+        return path("v1", "configmaps", self.namespace, name)
 
     def _send(self, method: str, name: str, **kwargs: Any) -> httpx.Response:
         what = f"{method} configmap {self.namespace}/{name}"
         try:
-            token = self.api.token_file.read_text(encoding="utf-8").strip()
+            token = self.api.token()
             headers = {"Authorization": f"Bearer {token}", **kwargs.pop("headers", {})}
             response = self._client.request(method, self._path(name), headers=headers, **kwargs)
         except (httpx.HTTPError, OSError) as exc:
             raise KubeError(f"{what}: {exc or type(exc).__name__}") from exc
         if response.status_code >= 400:
-            try:
-                message = str(response.json().get("message", ""))
-            except ValueError:
-                message = response.text[:200]
+            message = error_message(response.text, response.text[:200])
             raise KubeError(
                 f"{what}: HTTP {response.status_code} {message}", status=response.status_code
             )
@@ -78,5 +75,5 @@ class ConfigMaps:
             name,
             params={"fieldManager": FIELD_MANAGER},
             content=json.dumps({"data": data}).encode(),
-            headers={"Content-Type": "application/merge-patch+json"},
+            headers={"Content-Type": MERGE_PATCH},
         )

@@ -11,7 +11,7 @@ from typing import Final
 import pydantic
 
 from kubetune_trainer.api import StorageConfig
-from kubetune_trainer.reporting import DEFAULT_SA_DIR, SA_DIR_ENV
+from kubetune_trainer.kubeapi import DEFAULT_SA_DIR, SA_DIR_ENV
 from kubetune_trainer.serving import ADAPTERS_DIR, DESIRED_SUFFIX, STATE_SUFFIX
 
 SERVER_NAME_ENV: Final = "KUBETUNE_SERVER_NAME"

@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import ssl
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Final
 
 import httpx
@@ -43,11 +41,10 @@ from kubetune_trainer.api import (
     TrainingMetrics,
 )
 from kubetune_trainer.config import JobIdentity
+from kubetune_trainer.kubeapi import MERGE_PATCH, InCluster, path
 
 log = logging.getLogger(__name__)
 
-SA_DIR_ENV: Final = "KUBETUNE_SA_DIR"
-DEFAULT_SA_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
 # The only status fields the trainer writes; everything else belongs to the operator.
 TRAINER_OWNED_FIELDS: Final = frozenset(
     {"stage", "progress", "metrics", "parameters", "estimate", "distributed", "output"}
@@ -56,33 +53,6 @@ DEFAULT_INTERVAL_S: Final = 10.0
 # Names our patches in metadata.managedFields, so `kubectl get -o yaml --show-managed-fields`
 # shows exactly which status fields the trainer wrote.
 FIELD_MANAGER: Final = "kubetune-trainer"
-
-
-@dataclass(frozen=True)
-class ApiServer:
-    """Where and how to reach the Kubernetes API from inside a pod."""
-
-    url: str
-    token_file: Path
-    ca_file: Path | None = None
-
-    @classmethod
-    def in_cluster(cls, env: Mapping[str, str] | None = None) -> ApiServer | None:
-        """The pod's API server and service account, or None when not in a cluster.
-
-        KUBETUNE_SA_DIR replaces the service account directory (token, ca.crt), so the trainer
-        can report from a workstation with a token from `kubectl create token`.
-        """
-        env = os.environ if env is None else env
-        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
-        sa_dir = Path(env.get(SA_DIR_ENV) or DEFAULT_SA_DIR)
-        token = sa_dir / "token"
-        if not host or not port or not token.is_file():
-            return None
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        ca = sa_dir / "ca.crt"
-        return cls(f"https://{host}:{port}", token, ca if ca.is_file() else None)
 
 
 def merge_patch(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -107,7 +77,7 @@ class StatusReporter:
     def __init__(
         self,
         job: JobIdentity | None,
-        api: ApiServer | None,
+        api: InCluster | None,
         *,
         interval: float = DEFAULT_INTERVAL_S,
         request_timeout: float = 5.0,
@@ -142,7 +112,7 @@ class StatusReporter:
     def from_environment(
         cls, job: JobIdentity | None, env: Mapping[str, str] | None = None, **kwargs: Any
     ) -> StatusReporter:
-        api = ApiServer.in_cluster(env) if job is not None else None
+        api = InCluster.from_env(env) if job is not None else None
         if job is not None and api is None:
             log.info(
                 "not running in a cluster: status of %s/%s is only logged", job.namespace, job.name
@@ -152,10 +122,7 @@ class StatusReporter:
     @property
     def status_path(self) -> str:
         assert self.job is not None
-        return (
-            f"/apis/{GROUP}/{VERSION}/namespaces/{self.job.namespace}/{PLURAL}/"
-            f"{self.job.name}/status"
-        )
+        return path(f"{GROUP}/{VERSION}", PLURAL, self.job.namespace, self.job.name, "status")
 
     # ------------------------------------------------------------------------------ API
 
@@ -275,7 +242,7 @@ class StatusReporter:
         assert self.api is not None and self.job is not None and self._client is not None
         try:
             # Re-read every time: projected service account tokens are rotated on disk.
-            token = self.api.token_file.read_text(encoding="utf-8").strip()
+            token = self.api.token()
             headers = {"Authorization": f"Bearer {token}"}
             url = self.api.url + self.status_path
             if not self._uid_checked and not self._check_uid(url, headers):
@@ -284,7 +251,7 @@ class StatusReporter:
                 url,
                 params={"fieldManager": FIELD_MANAGER},
                 content=json.dumps({"status": patch}).encode(),
-                headers={**headers, "Content-Type": "application/merge-patch+json"},
+                headers={**headers, "Content-Type": MERGE_PATCH},
             )
             if response.status_code >= 400:
                 log.warning(

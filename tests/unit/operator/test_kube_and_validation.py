@@ -12,21 +12,38 @@ import pytest
 from ftj_objects import served
 
 from kubetune_operator import kube, manifests, validation
+from kubetune_trainer import kubeapi
 
 
 def test_paths() -> None:
-    assert kube.path("v1", "pods", "ns") == "/api/v1/namespaces/ns/pods"
-    assert kube.path("batch/v1", "jobs", "ns", "j") == "/apis/batch/v1/namespaces/ns/jobs/j"
+    assert kubeapi.path("v1", "pods", "ns") == "/api/v1/namespaces/ns/pods"
+    assert kubeapi.path("batch/v1", "jobs", "ns", "j") == "/apis/batch/v1/namespaces/ns/jobs/j"
     assert (
-        kube.path("kubetune.dev/v1alpha1", "finetunejobs", "ns", "x", "status")
+        kubeapi.path("kubetune.dev/v1alpha1", "finetunejobs", "ns", "x", "status")
         == "/apis/kubetune.dev/v1alpha1/namespaces/ns/finetunejobs/x/status"
     )
     assert (
-        kube.path("kopf.dev/v1", "clusterkopfpeerings") == "/apis/kopf.dev/v1/clusterkopfpeerings"
+        kubeapi.path("kopf.dev/v1", "clusterkopfpeerings")
+        == "/apis/kopf.dev/v1/clusterkopfpeerings"
     )
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": "n"}}
-    assert kube.object_path(job) == "/apis/batch/v1/namespaces/n/jobs/j"
-    assert kube.object_path(job, collection=True) == "/apis/batch/v1/namespaces/n/jobs"
+    assert kubeapi.object_path(job) == "/apis/batch/v1/namespaces/n/jobs/j"
+    assert kubeapi.object_path(job, collection=True) == "/apis/batch/v1/namespaces/n/jobs"
+
+
+@pytest.mark.parametrize(
+    ("kind", "resource"),
+    [
+        ("ConfigMap", "configmaps"),
+        ("Service", "services"),
+        ("Ingress", "ingresses"),
+        ("NetworkPolicy", "networkpolicies"),
+        ("ClusterKopfPeering", "clusterkopfpeerings"),
+        ("FineTuneJob", "finetunejobs"),
+    ],
+)
+def test_resources_follow_the_api_servers_rule_for_kinds(kind: str, resource: str) -> None:
+    assert kubeapi.resource_of(kind) == resource
 
 
 def _error(

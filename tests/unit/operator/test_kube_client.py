@@ -151,16 +151,17 @@ def test_login_in_a_pod_uses_the_service_account_and_the_service_address(
 ) -> None:
     (tmp_path / "token").write_text("sa-token\n")
     (tmp_path / "namespace").write_text("kubetune-system")
+    monkeypatch.setenv("KUBETUNE_SA_DIR", str(tmp_path))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    info = kube.in_cluster(tmp_path)
+    info = kube.in_cluster()
     assert info is not None
     assert info.server == "https://10.96.0.1:443" and info.token == "sa-token"
     assert info.default_namespace == "kubetune-system" and info.ca_path is None
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00::1")
-    assert (kube.in_cluster(tmp_path) or pytest.fail()).server == "https://[fd00::1]:443"
+    assert (kube.in_cluster() or pytest.fail()).server == "https://[fd00::1]:443"
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
-    assert kube.in_cluster(tmp_path) is None  # not in a pod
+    assert kube.in_cluster() is None  # not in a pod
 
 
 def test_login_elsewhere_reads_the_kubeconfig(

@@ -16,10 +16,10 @@ import pytest
 
 from kubetune_trainer.api import Progress, TrainingMetrics
 from kubetune_trainer.config import JobIdentity
+from kubetune_trainer.kubeapi import InCluster
 from kubetune_trainer.reporting import (
     FIELD_MANAGER,
     TRAINER_OWNED_FIELDS,
-    ApiServer,
     ProgressSnapshot,
     StatusReporter,
     log_every,
@@ -107,7 +107,7 @@ def token(tmp_path: Path) -> Path:
 
 
 def reporter(api: FakeApiServer, token: Path, interval: float = 0.3) -> StatusReporter:
-    return StatusReporter(JOB, ApiServer(api.url, token), interval=interval, request_timeout=2)
+    return StatusReporter(JOB, InCluster(api.url, token), interval=interval, request_timeout=2)
 
 
 def test_patch_is_a_merge_patch_of_trainer_owned_fields_only(
@@ -187,7 +187,7 @@ def test_api_errors_are_swallowed_and_the_fields_are_sent_later(
 
 
 def test_an_unreachable_api_server_never_raises(token: Path) -> None:
-    r = StatusReporter(JOB, ApiServer("http://127.0.0.1:9", token), interval=0.1, request_timeout=1)
+    r = StatusReporter(JOB, InCluster("http://127.0.0.1:9", token), interval=0.1, request_timeout=1)
     r.report(stage="Training", progress=Progress(step=1))
     assert not r.flush(3)
     r.close(timeout=3)
@@ -206,15 +206,15 @@ def test_a_recreated_finetunejob_is_never_patched(api: FakeApiServer, token: Pat
 
 
 def test_without_a_cluster_the_reporter_only_logs(tmp_path: Path) -> None:
-    assert ApiServer.in_cluster({}) is None
+    assert InCluster.from_env({}) is None
     env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    assert ApiServer.in_cluster({**env, "KUBETUNE_SA_DIR": str(tmp_path)}) is None  # no token
+    assert InCluster.from_env({**env, "KUBETUNE_SA_DIR": str(tmp_path)}) is None  # no token
     (tmp_path / "token").write_text("t")
     (tmp_path / "ca.crt").write_text("ca")
-    found = ApiServer.in_cluster({**env, "KUBETUNE_SA_DIR": str(tmp_path)})
-    assert found == ApiServer("https://10.0.0.1:443", tmp_path / "token", tmp_path / "ca.crt")
+    found = InCluster.from_env({**env, "KUBETUNE_SA_DIR": str(tmp_path)})
+    assert found == InCluster("https://10.0.0.1:443", tmp_path / "token", tmp_path / "ca.crt")
     v6_env = {**env, "KUBERNETES_SERVICE_HOST": "fd00::1", "KUBETUNE_SA_DIR": str(tmp_path)}
-    v6 = ApiServer.in_cluster(v6_env)
+    v6 = InCluster.from_env(v6_env)
     assert v6 is not None and v6.url == "https://[fd00::1]:443"
 
     quiet = StatusReporter.from_environment(JOB, env={})
