@@ -9,7 +9,10 @@ For each configuration, in one run and in turn (the order alternates between --r
 * shipped: `kubetune-operator` as the chart deploys it (the project's Kopf settings, peering on
   with the chart's default lifetime, JSON logs);
 * kopf_defaults: the same entry point, handlers and reconcile code with Kopf's default settings
-  (benchmarks/kopf_defaults_operator.py replaces settings.configure_kopf by a no-op).
+  (benchmarks/kopf_defaults_operator.py replaces settings.configure_kopf by a no-op);
+* before (with --before REV): the operator of an earlier commit, checked out in a git worktree
+  (.dev/bench/operator_scale/before-REV) and run with this venv, e.g. the design before a change
+  measured side by side with it: `--configs shipped,before --before 42b8e6f~1`.
 
 Each runs as a subprocess with the chart's RBAC and a token of the chart's ServiceAccount
 (tests/integration/operator_harness.py), watching one fresh namespace. Once it is active, the
@@ -81,12 +84,38 @@ TARGETS = {"all_done_s": 30.0, "p99_latency_s": 1.0, "peak_rss_mb": 150.0, "idle
 CONFIGS = {
     "shipped": "kubetune-operator as shipped (the project's Kopf settings)",
     "kopf_defaults": "the same operator code with Kopf's default settings",
+    "before": "the operator of an earlier commit (--before), same settings as shipped",
 }
 # How each configuration is started (read when it starts, so OPERATOR_BIN can be swapped).
 COMMANDS: dict[str, Callable[[], list[str]]] = {
     "shipped": lambda: [str(OPERATOR_BIN)],
     "kopf_defaults": lambda: [sys.executable, str(NAIVE_OPERATOR)],
 }
+
+
+BEFORE_TREE: list[Path] = []  # the --before worktree, once made
+
+
+def before_command(rev: str, workdir: Path) -> Callable[[], list[str]]:
+    """The operator of commit `rev`, from a git worktree, with this venv's packages."""
+    import subprocess  # noqa: PLC0415 - only for --before
+
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", rev],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    tree = workdir / f"before-{sha}"
+    BEFORE_TREE[:] = [tree]
+    if not tree.exists():
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), sha],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    path = os.pathsep.join(str(tree / p) for p in ("operator", "trainer_image"))
+    CONFIGS["before"] = f"the operator of commit {sha} ({rev}), same settings as shipped"
+    return lambda: ["env", f"PYTHONPATH={path}", sys.executable, "-m", "kubetune_operator"]
+
+
 # One FlowSchema per verb group for the operator's ServiceAccount: (suffix, resource rule verbs,
 # resource rule resources). Matched in this order; "other" takes the rest, non-resource URLs too.
 VERB_SCHEMAS: tuple[tuple[str, list[str], list[str]], ...] = (
@@ -406,6 +435,36 @@ class Bench:
         return started, time.monotonic()
 
     def run(self, config: str) -> dict[str, Any]:
+        if config != "before":
+            return self._run(config)
+        # The earlier operator validates specs with its own API: its CRD (and its defaults)
+        # while it runs, this tree's again afterwards. Exclusive bounds are dropped: some older
+        # CRDs had one that this API server refuses next to a default (labelSmoothing), and
+        # bounds do not matter to the benchmark's specs.
+        import yaml  # noqa: PLC0415 - only for --before
+
+        def loose(node: Any) -> Any:
+            if isinstance(node, dict):
+                return {
+                    k: loose(v)
+                    for k, v in node.items()
+                    if k not in ("exclusiveMaximum", "exclusiveMinimum")
+                }
+            return [loose(v) for v in node] if isinstance(node, list) else node
+
+        for crd in sorted((BEFORE_TREE[0] / "crds").glob("*.yaml")):
+            for doc in yaml.safe_load_all(crd.read_text()):
+                if doc:
+                    self.cluster.kubectl(
+                        "apply", "--server-side", "--force-conflicts", "-f", "-",
+                        input=json.dumps(loose(doc)),
+                    )  # fmt: skip
+        try:
+            return self._run(config)
+        finally:
+            install_crds(self.cluster)
+
+    def _run(self, config: str) -> dict[str, Any]:
         log(f"{config}: {self.jobs} FineTuneJobs")
         with self.cluster.namespace() as namespace:
             tracker = Tracker(self.jobs)
@@ -702,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=benchlib.DOCS_DIR / "operator_scale.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out)")
     parser.add_argument("--allow-other-operators", action="store_true")
+    parser.add_argument("--before", help="git revision of the 'before' configuration")
     args = parser.parse_args(argv)
     jobs = args.jobs or (50 if args.quick else 1000)
     idle = args.idle_seconds if args.idle_seconds is not None else (10 if args.quick else 30)
@@ -709,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configurations: {', '.join(sorted(unknown))}")
+    if ("before" in configs) != bool(args.before):
+        parser.error("the 'before' configuration and --before REV go together")
 
     cluster = Cluster.up()
     others = other_operators(cluster)
@@ -722,6 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     api = Api(cluster.kubeconfig)
     workdir = DEV / "bench" / "operator_scale"
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.before:
+        COMMANDS["before"] = before_command(args.before, workdir)
     rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     with install_operator_identity(cluster, workdir) as identity:
         bench = Bench(cluster, api, identity, workdir, jobs, idle, args.timeout)
@@ -732,6 +796,24 @@ def main(argv: list[str] | None = None) -> int:
                     rounds[config].append(bench.run(config))
     results = {c: merge_rounds(r) for c, r in rounds.items()}
     ratios: dict[str, Any] = {}
+    if "shipped" in results and "before" in results:
+        s, b = results["shipped"], results["before"]
+        ratios["before / shipped"] = {
+            key: round(x / y, 2) if x is not None and y else None
+            for key, (x, y) in {
+                "all_done_s": (b["all_done_s"], s["all_done_s"]),
+                "p99_latency_s": (b["latency_s"].get("p99"), s["latency_s"].get("p99")),
+                "api_requests_per_object": (
+                    b["api_requests"]["per_object"],
+                    s["api_requests"]["per_object"],
+                ),
+                "operator_cpu_s": (b["operator"]["cpu_s"], s["operator"]["cpu_s"]),
+                "apiserver_cpu_s": (
+                    b["during_batch_cpu_s"].get("kube-apiserver"),
+                    s["during_batch_cpu_s"].get("kube-apiserver"),
+                ),
+            }.items()
+        }
     if "shipped" in results and "kopf_defaults" in results:
         s, n = results["shipped"], results["kopf_defaults"]
         pairs = {
@@ -747,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
             # namespace scan that the chart's RBAC forbids, through all its error back-offs.
             "startup_s": (n["operator"]["startup_s"], s["operator"]["startup_s"]),
         }
-        ratios = {
+        ratios |= {
             "kopf_defaults / shipped": {
                 k: round(a / b, 2) if a is not None and b else None for k, (a, b) in pairs.items()
             }
