@@ -7,8 +7,10 @@ and only asked about local schemes; botocore exceptions are constructed, as boto
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,6 @@ from kubetune_trainer.storage import (
     _check_distinct,
     _safe_relpath,
     checkpoint_uri,
-    hf_hub_cache,
     parse_manifest,
     resolve_hf,
     resolve_local,
@@ -152,7 +153,7 @@ def make_hf_cache(root: Path, repo: str = "org/tiny-model") -> Path:
     (snapshot / "config.json").write_text("{}")
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(COMMIT)
-    (repo_dir / "refs" / "v1").write_text(COMMIT + "\n")
+    (repo_dir / "refs" / "v1").write_text(COMMIT)  # as huggingface_hub writes refs
     return snapshot
 
 
@@ -175,10 +176,19 @@ def test_hf_resolves_only_from_offline_cache(tmp_path: Path) -> None:
         resolve_hf("hf://org/name/extra", hub_cache=tmp_path)
 
 
-def test_hf_hub_cache_follows_huggingface_env_order(tmp_path: Path) -> None:
-    assert hf_hub_cache({"HF_HUB_CACHE": "/a", "HF_HOME": "/b"}) == Path("/a")
-    assert hf_hub_cache({"HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}) == Path("/b/hub")
-    assert hf_hub_cache({"XDG_CACHE_HOME": "/c"}) == Path("/c/huggingface/hub")
+def test_hf_hub_cache_is_huggingface_hubs_and_follows_its_environment(tmp_path: Path) -> None:
+    probe = "from kubetune_trainer.storage import hf_hub_cache; print(hf_hub_cache())"
+    for env, expected in [
+        ({"HF_HUB_CACHE": "/a", "HF_HOME": "/b"}, "/a"),
+        ({"HF_HOME": "/b", "XDG_CACHE_HOME": "/c"}, "/b/hub"),
+        ({"XDG_CACHE_HOME": "/c"}, "/c/huggingface/hub"),
+    ]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env={**clean, **env}, check=True,
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        assert out == expected, env
 
 
 def test_fetch_resolves_local_schemes_without_any_request(tmp_path: Path) -> None:

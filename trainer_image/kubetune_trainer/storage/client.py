@@ -1,18 +1,5 @@
-"""Object storage for the trainer: pull inputs, push outputs and checkpoints.
-
-Inputs come as URIs (kubetune_trainer.api): s3://bucket/key from any S3-compatible store,
-pvc://claim/path from a mounted PersistentVolumeClaim, hf://org/name from the offline Hugging
-Face cache, and plain paths or file:// URIs for runs on a workstation. Only s3:// is copied;
-the others resolve to a local path in place.
-
-Credentials reach the pod as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables
-(secretKeyRef); endpoint, region and addressing style come from spec.storage. Every failure is a
-StorageError with a one-line message that names the URI and what to check, never a credential.
-
-Downloads run several objects at once (a thread pool over objects) through one s3transfer
-manager, which also splits large objects into parallel ranged GETs. Each object lands in a
-local cache keyed by its ETag and size, then is hard-linked into place: a retried pod on the
-same volume, or a second fetch of unchanged data, downloads nothing.
+"""ObjectStore: S3 transfers (one s3transfer manager, several objects at once), the ETag-keyed
+download cache, retries with backoff, uploads.
 """
 
 from __future__ import annotations
@@ -26,18 +13,17 @@ import mimetypes
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, Self, TypeVar
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -46,23 +32,31 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionClosedError,
-    ConnectTimeoutError,
-    IncompleteReadError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-    SSLError,
-)
-from botocore.exceptions import (
-    ConnectionError as BotoConnectionError,  # not the builtin
 )
 from s3transfer.exceptions import RetriesExceededError, S3DownloadFailedError
 from s3transfer.subscribers import BaseSubscriber
 
-from kubetune_trainer.api import OutputFile, StorageConfig, duration_seconds
+from kubetune_trainer.api import StorageConfig, duration_seconds
 from kubetune_trainer.config import PVC_ROOT, WORK_DIR, TrainerConfig
+from kubetune_trainer.storage.checksums import (
+    UploadedFile,
+    sha256_file,
+)
+from kubetune_trainer.storage.errors import (
+    RETRIED_REASONS,
+    StorageError,
+    _client_error,
+    _ErrorContext,
+    _translate,
+)
+from kubetune_trainer.storage.uris import (
+    S3Uri,
+    _safe_relpath,
+    resolve_hf,
+    resolve_local,
+    resolve_pvc,
+    uri_scheme,
+)
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -72,512 +66,15 @@ if TYPE_CHECKING:
     from s3transfer.futures import TransferFuture
     from s3transfer.manager import TransferManager
 
-log = logging.getLogger(__name__)
 
+log = logging.getLogger("kubetune_trainer.storage")  # one logger for the package
 MiB: Final = 1024 * 1024
-CHECKPOINTS_DIR: Final = "checkpoints"
-COMPLETE_MARKER: Final = "_COMPLETE"
-MANIFEST_NAME: Final = "SHA256SUMS"
 CACHE_DIR_ENV: Final = "KUBETUNE_CACHE_DIR"
-
-_BUCKET_RE: Final = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_STEP_DIR_RE: Final = re.compile(r"step-([0-9]+)")
-_COMMIT_RE: Final = re.compile(r"[0-9a-f]{40}")
-_HF_REPO_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-_MANIFEST_LINE_RE: Final = re.compile(r"([0-9a-f]{64}) [ *](.+)")
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 _P = ParamSpec("_P")
-# Failures that may pass (the store is down, overloaded or unreachable for now): retried with
-# backoff for StorageConfig.retryTimeout, then reported as they are.
-RETRIED_REASONS: Final = frozenset(
-    {"StorageUnreachable", "StorageTimeout", "StorageUnavailable", "StorageClockSkew"}
-)
+_S = TypeVar("_S", bound="ObjectStore")
 _MAX_RETRY_DELAY: Final = 30.0
-
-
-# ---------------------------------------------------------------------------------------- errors
-
-
-class StorageError(Exception):
-    """A storage operation failed. The message is one line, names the URI, and says what to
-    check; `reason` is a CamelCase code usable as a status reason (e.g. StorageAccessDenied)."""
-
-    def __init__(self, message: str, *, uri: str, reason: str = "StorageError") -> None:
-        # One line: the message ends up in a Kubernetes condition and in a single log line.
-        super().__init__(" ".join(message.split()))
-        self.uri = uri
-        self.reason = reason
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """The exception, the low-level error botocore wraps in kwargs["error"], and the chain."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        current = todo.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        kwargs = getattr(current, "kwargs", None)
-        inner = kwargs.get("error") if isinstance(kwargs, dict) else None
-        for nxt in (inner, current.__cause__, current.__context__):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-
-
-def _connection_problem(exc: BaseException) -> str:
-    """'DNS lookup failed', 'connection refused', or a short generic text."""
-    for cause in _causes(exc):
-        text = str(cause)
-        if (
-            isinstance(cause, socket.gaierror)
-            or type(cause).__name__ == "NameResolutionError"
-            or "Name or service not known" in text
-            or "nodename nor servname" in text
-            or "Temporary failure in name resolution" in text
-        ):
-            return "DNS lookup failed for its host name"
-        if isinstance(cause, ConnectionRefusedError) or "Connection refused" in text:
-            return "connection refused"
-        if isinstance(cause, SSLError) or "CERTIFICATE_VERIFY_FAILED" in text:
-            return "TLS handshake failed (check the certificate or use http://)"
-    return "could not connect"
-
-
-@dataclass(frozen=True)
-class _ErrorContext:
-    """What the message may mention besides the URI (never the credentials themselves)."""
-
-    endpoint: str = "the default AWS S3 endpoint"
-    region: str = "us-east-1"
-    secret_name: str | None = None
-    anonymous: bool = False
-    connect_timeout: float | None = None
-    read_timeout: float | None = None
-    redact: tuple[str, ...] = ()
-
-    def secret_hint(self) -> str:
-        if self.secret_name:
-            name = self.secret_name
-            return f"check the credentials Secret {name!r} (spec.storage.credentialsSecretRef)"
-        if self.anonymous:
-            return (
-                "the request was anonymous: set spec.storage.credentialsSecretRef to a Secret "
-                "with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-            )
-        return (
-            "check the credentials Secret named in spec.storage.credentialsSecretRef "
-            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-        )
-
-
-_NOT_FOUND: Final = frozenset({"NoSuchKey", "404", "NotFound"})
-_ACCESS_DENIED: Final = frozenset(
-    {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem"}
-)
-_EXPIRED: Final = frozenset({"ExpiredToken", "TokenRefreshRequired", "InvalidToken"})
-_WRONG_REGION: Final = frozenset(
-    {
-        "AuthorizationHeaderMalformed",
-        "PermanentRedirect",
-        "301",
-        "IllegalLocationConstraintException",
-    }
-)
-_UNAVAILABLE: Final = frozenset(
-    {"SlowDown", "ServiceUnavailable", "503", "InternalError", "500", "XMinioServerNotInitialized"}
-)
-
-
-def _client_error(
-    code: str, status: int | None, message: str, *, uri: str, action: str, ctx: _ErrorContext
-) -> StorageError:
-    bucket = uri.removeprefix("s3://").split("/", 1)[0]
-    if code in _NOT_FOUND:
-        return StorageError(f"no object at {uri}", uri=uri, reason="StorageNotFound")
-    if code == "NoSuchBucket":
-        return StorageError(
-            f"bucket {bucket!r} does not exist at {ctx.endpoint} ({uri}): check the bucket name "
-            "in the URI and spec.storage.endpoint",
-            uri=uri,
-            reason="StorageNoSuchBucket",
-        )
-    if code == "InvalidAccessKeyId":
-        detail = f"{ctx.endpoint} does not know the access key id"
-    elif code == "SignatureDoesNotMatch":
-        detail = "the secret access key does not match the access key id"
-    elif code in _EXPIRED:
-        detail = "the session token has expired"
-    elif code in _ACCESS_DENIED:
-        detail = f"the credentials may not {action} this bucket or prefix"
-    else:
-        detail = ""
-    if detail:
-        return StorageError(
-            f"access denied to {uri} ({detail}): {ctx.secret_hint()}",
-            uri=uri,
-            reason="StorageAccessDenied",
-        )
-    if code in _WRONG_REGION:
-        return StorageError(
-            f"{uri}: bucket {bucket!r} rejected region {ctx.region!r} ({code}): set "
-            "spec.storage.region to the bucket's region",
-            uri=uri,
-            reason="StorageWrongRegion",
-        )
-    if code == "RequestTimeTooSkewed":
-        return StorageError(
-            f"{ctx.endpoint} rejected the request for {uri}: the pod's clock differs too much "
-            "from the store's; fix the node's time synchronization",
-            uri=uri,
-            reason="StorageClockSkew",
-        )
-    if code in {"PreconditionFailed", "412"}:
-        return StorageError(
-            f"{uri} changed while it was being downloaded; retry once writers are done",
-            uri=uri,
-            reason="StorageObjectChanged",
-        )
-    if code in _UNAVAILABLE:
-        return StorageError(
-            f"{ctx.endpoint} is overloaded or unavailable ({code}) for {uri} after retries; "
-            "retry later",
-            uri=uri,
-            reason="StorageUnavailable",
-        )
-    if code == "InvalidBucketName":
-        return StorageError(
-            f"{uri}: invalid bucket name {bucket!r}", uri=uri, reason="StorageInvalidUri"
-        )
-    http = f" (HTTP {status})" if status else ""
-    return StorageError(
-        f"could not {action} {uri}: {code}{http}: {message}", uri=uri, reason="StorageError"
-    )
-
-
-def storage_error(
-    exc: BaseException,
-    uri: str,
-    *,
-    action: str = "access",
-    endpoint: str | None = None,
-    region: str = "us-east-1",
-    secret_name: str | None = None,
-    redact: Iterable[str] = (),
-) -> StorageError:
-    """Translate a botocore/s3transfer exception into a StorageError for `uri`.
-
-    `action` is the verb for the message ("read", "write", "list", "delete"); `redact` lists
-    strings (the credentials) that must never appear in the message.
-    """
-    ctx = _ErrorContext(
-        endpoint=endpoint or _ErrorContext.endpoint,
-        region=region,
-        secret_name=secret_name,
-        redact=tuple(redact),
-    )
-    return _translate(exc, uri, action, ctx)
-
-
-def _translate(exc: BaseException, uri: str, action: str, ctx: _ErrorContext) -> StorageError:
-    error = _translate_unredacted(exc, uri, action, ctx)
-    text = str(error)
-    for secret in ctx.redact:
-        if secret:
-            text = text.replace(secret, "***")
-    if text != str(error):
-        error = StorageError(text, uri=uri, reason=error.reason)
-    return error
-
-
-def _translate_unredacted(
-    exc: BaseException, uri: str, action: str, ctx: _ErrorContext
-) -> StorageError:
-    if isinstance(exc, StorageError):
-        return exc
-    # s3transfer wraps the last network error of its own retry loop.
-    if isinstance(exc, RetriesExceededError) and exc.last_exception is not None:
-        return _translate_unredacted(exc.last_exception, uri, action, ctx)
-    if isinstance(exc, S3DownloadFailedError) and "did not match expected ETag" in str(exc):
-        return _client_error("PreconditionFailed", 412, "", uri=uri, action=action, ctx=ctx)
-    if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
-        meta = exc.response.get("ResponseMetadata", {})
-        code = str(err.get("Code") or meta.get("HTTPStatusCode") or "Unknown")
-        status, message = meta.get("HTTPStatusCode"), str(err.get("Message", ""))
-        return _client_error(code, status, message, uri=uri, action=action, ctx=ctx)
-    # Timeouts before connection errors: ConnectTimeoutError is also a ConnectionError.
-    if isinstance(exc, ConnectTimeoutError):
-        limit = f" after {ctx.connect_timeout:g}s" if ctx.connect_timeout else ""
-        return StorageError(
-            f"timed out connecting to the S3 endpoint {ctx.endpoint}{limit} for {uri}: check "
-            "spec.storage.endpoint and that the pod's network (NetworkPolicy, proxy) reaches it",
-            uri=uri,
-            reason="StorageTimeout",
-        )
-    if isinstance(exc, ReadTimeoutError | TimeoutError):
-        limit = f" for {ctx.read_timeout:g}s" if ctx.read_timeout else ""
-        return StorageError(
-            f"timed out: the S3 endpoint {ctx.endpoint} did not answer{limit} while trying to "
-            f"{action} {uri}; the store is overloaded or the network is slow, retry later",
-            uri=uri,
-            reason="StorageTimeout",
-        )
-    # Connection refused, DNS, TLS and proxy failures (EndpointConnectionError and friends).
-    if isinstance(exc, BotoConnectionError):
-        return StorageError(
-            f"cannot reach the S3 endpoint {ctx.endpoint} for {uri} ({_connection_problem(exc)}): "
-            "check spec.storage.endpoint and that the store is running and reachable from the pod",
-            uri=uri,
-            reason="StorageUnreachable",
-        )
-    if isinstance(
-        exc, ConnectionClosedError | ResponseStreamingError | IncompleteReadError | ConnectionError
-    ):
-        return StorageError(
-            f"the connection to {ctx.endpoint} broke while trying to {action} {uri} after "
-            "retries; retry later",
-            uri=uri,
-            reason="StorageUnavailable",
-        )
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
-        return StorageError(
-            f"no usable credentials to {action} {uri}: {ctx.secret_hint()}",
-            uri=uri,
-            reason="StorageAccessDenied",
-        )
-    return StorageError(
-        f"could not {action} {uri}: {type(exc).__name__}: {exc}", uri=uri, reason="StorageError"
-    )
-
-
-# ------------------------------------------------------------------------------------------ URIs
-
-
-@dataclass(frozen=True)
-class S3Uri:
-    """s3://bucket/key. An empty key or one ending in '/' names a prefix."""
-
-    bucket: str
-    key: str = ""
-
-    @classmethod
-    def parse(cls, uri: str) -> S3Uri:
-        if not uri.startswith("s3://"):
-            raise StorageError(f"{uri!r} is not an s3:// URI", uri=uri, reason="StorageInvalidUri")
-        bucket, _, key = uri[len("s3://") :].partition("/")
-        if not _BUCKET_RE.fullmatch(bucket):
-            raise StorageError(
-                f"{uri}: {bucket!r} is not a valid bucket name (3-63 characters: a-z, 0-9, '.' "
-                "and '-')",
-                uri=uri,
-                reason="StorageInvalidUri",
-            )
-        return cls(bucket, key)
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
-
-    def join(self, *parts: str) -> S3Uri:
-        """Append path parts below this URI's key, as a directory ("a" + "b" -> "a/b")."""
-        key = self.key
-        for raw in parts:
-            part = raw.lstrip("/")
-            key = f"{key.rstrip('/')}/{part}" if key else part
-        return S3Uri(self.bucket, key)
-
-    @property
-    def dir_prefix(self) -> str:
-        """The key as a directory prefix: '' for the bucket root, else ending in '/'."""
-        return self.key if not self.key or self.key.endswith("/") else self.key + "/"
-
-
-def uri_scheme(uri: str) -> str:
-    """'s3', 'pvc', 'hf', 'file', or 'local' for a plain path."""
-    scheme, sep, _ = uri.partition("://")
-    if not sep:
-        return "local"
-    if scheme in {"s3", "pvc", "hf", "file"}:
-        return scheme
-    raise StorageError(
-        f"{uri}: unsupported scheme {scheme!r}: use s3://, pvc://, hf:// or a local path",
-        uri=uri,
-        reason="StorageInvalidUri",
-    )
-
-
-def _within(root: Path, rel: str, uri: str) -> Path:
-    """root/rel, refusing '..' escapes (a URI must not reach outside its claim)."""
-    target = Path(os.path.normpath(root / rel.lstrip("/")))
-    if target != root and root not in target.parents:
-        raise StorageError(f"{uri}: path escapes {root}", uri=uri, reason="StorageInvalidUri")
-    return target
-
-
-def resolve_pvc(uri: str, pvc_root: str | os.PathLike[str] = PVC_ROOT) -> Path:
-    """pvc://claim/path -> PVC_ROOT/claim/path, which must exist (nothing is copied)."""
-    if not uri.startswith("pvc://"):
-        raise StorageError(f"{uri!r} is not a pvc:// URI", uri=uri, reason="StorageInvalidUri")
-    claim, _, rel = uri[len("pvc://") :].partition("/")
-    if not claim:
-        raise StorageError(f"{uri}: no claim name", uri=uri, reason="StorageInvalidUri")
-    mount = Path(os.path.normpath(Path(pvc_root) / claim))
-    target = _within(mount, rel, uri)
-    if not mount.is_dir():
-        raise StorageError(
-            f"{uri}: claim {claim!r} is not mounted at {mount}: check that the "
-            "PersistentVolumeClaim exists in the job's namespace",
-            uri=uri,
-            reason="StorageNotFound",
-        )
-    if not target.exists():
-        raise StorageError(
-            f"{uri}: {target} does not exist on claim {claim!r}",
-            uri=uri,
-            reason="StorageNotFound",
-        )
-    return target
-
-
-def resolve_local(uri: str) -> Path:
-    """A plain path or file:// URI (workstation runs), which must exist."""
-    path = Path(uri[len("file://") :] if uri.startswith("file://") else uri).expanduser()
-    if not path.exists():
-        raise StorageError(f"{uri}: no such file or directory", uri=uri, reason="StorageNotFound")
-    return path
-
-
-def hf_hub_cache(env: Mapping[str, str] | None = None) -> Path:
-    """The Hugging Face hub cache directory, resolved like huggingface_hub does."""
-    env = os.environ if env is None else env
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(var):
-            return Path(env[var]).expanduser()
-    if env.get("HF_HOME"):
-        return Path(env["HF_HOME"]).expanduser() / "hub"
-    xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "huggingface" / "hub"
-
-
-def resolve_hf(
-    uri: str, revision: str | None = None, hub_cache: str | os.PathLike[str] | None = None
-) -> Path:
-    """hf://org/name -> its snapshot in the offline Hugging Face cache; never a network call.
-
-    The pod has no business reaching the Hub (air-gapped clusters, unpinned weights), so a
-    model missing from the cache is an error that says how to provide it.
-    """
-    repo = uri.removeprefix("hf://").strip("/")
-    if not uri.startswith("hf://") or not _HF_REPO_RE.fullmatch(repo):
-        raise StorageError(
-            f"{uri!r} is not an hf://org/name URI", uri=uri, reason="StorageInvalidUri"
-        )
-    cache = Path(hub_cache) if hub_cache is not None else hf_hub_cache()
-    repo_dir = cache / f"models--{repo.replace('/', '--')}"
-    rev = revision or "main"
-    commit: str | None = rev if _COMMIT_RE.fullmatch(rev) else None
-    ref = repo_dir / "refs" / rev
-    if commit is None and ref.is_file():
-        commit = ref.read_text(encoding="utf-8").strip()
-    snapshot = repo_dir / "snapshots" / commit if commit else None
-    if snapshot is None or not snapshot.is_dir():
-        raise StorageError(
-            f"{uri} (revision {rev}) is not in the offline Hugging Face cache at {cache}: the "
-            "trainer never downloads from the Hub; pre-populate the cache in the image or a "
-            f"volume (HF_HOME=<dir> huggingface-cli download {repo} --revision {rev}) or copy "
-            "the model to S3 and use an s3:// URI",
-            uri=uri,
-            reason="StorageNotFound",
-        )
-    return snapshot
-
-
-def _safe_relpath(rel: str, uri: str) -> PurePosixPath:
-    """An object's path below the fetched prefix, as a safe relative local path."""
-    path = PurePosixPath(rel.lstrip("/"))
-    # A key like "data/../../etc/x" must not write outside the destination directory.
-    if not path.parts or ".." in path.parts:
-        raise StorageError(
-            f"{uri}: object key {rel!r} cannot be stored as a local file",
-            uri=uri,
-            reason="StorageInvalidUri",
-        )
-    return path
-
-
-def checkpoint_uri(output_uri: str, step: int) -> str:
-    """<output>/checkpoints/step-<9 digits>/ (zero-padded so listings sort by step)."""
-    return str(S3Uri.parse(output_uri).join(CHECKPOINTS_DIR, f"step-{step:09d}/"))
-
-
-# -------------------------------------------------------------------------------- checksums
-
-
-@dataclass(frozen=True)
-class UploadedFile:
-    """One uploaded file: its path relative to the upload root, size and SHA-256."""
-
-    path: str
-    size: int
-    sha256: str
-
-    def to_output_file(self) -> OutputFile:
-        return OutputFile(path=self.path, size=self.size, sha256=self.sha256)
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_manifest(files: Iterable[UploadedFile]) -> bytes:
-    """A SHA256SUMS manifest ("<sha256>  <path>" lines, sorted), checkable with `sha256sum -c`."""
-    lines = []
-    for f in sorted(files, key=lambda f: f.path):
-        if "\n" in f.path or "\r" in f.path or "\\" in f.path:
-            # sha256sum would need its escaping syntax; no trainer output has such names.
-            raise ValueError(f"cannot list {f.path!r} in a manifest")
-        lines.append(f"{f.sha256}  {f.path}\n")
-    return "".join(lines).encode("utf-8")
-
-
-def parse_manifest(data: bytes) -> dict[str, str]:
-    """path -> sha256 from a SHA256SUMS manifest (text ' ' or binary '*' mode lines)."""
-    out: dict[str, str] = {}
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        match = _MANIFEST_LINE_RE.fullmatch(line)
-        if not match:
-            raise ValueError(f"manifest line {number} is not '<sha256>  <path>': {line[:80]!r}")
-        out[match.group(2)] = match.group(1)
-    return out
-
-
-def verify_manifest(manifest: bytes, root: str | os.PathLike[str]) -> int:
-    """Check every file listed in `manifest` under `root`; return how many were verified.
-
-    Raises StorageError naming up to five missing or mismatching files.
-    """
-    base = Path(root)
-    problems: list[str] = []
-    expected = parse_manifest(manifest)
-    for rel, digest in expected.items():
-        path = base / rel
-        if not path.is_file():
-            problems.append(f"{rel} missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{rel} checksum mismatch")
-    if problems:
-        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise StorageError(
-            f"{base} does not match its manifest: {', '.join(problems[:5])}{more}",
-            uri=str(base),
-            reason="StorageChecksumMismatch",
-        )
-    return len(expected)
 
 
 # ----------------------------------------------------------------------------------- storage
@@ -708,12 +205,12 @@ def check_credentials(env: Mapping[str, str], config: StorageConfig) -> None:
 
 
 def _retried(
-    method: Callable[Concatenate[Storage, _P], _R],
-) -> Callable[Concatenate[Storage, _P], _R]:
+    method: Callable[Concatenate[_S, _P], _R],
+) -> Callable[Concatenate[_S, _P], _R]:
     """Run a public Storage method under Storage._retry (only the outermost call retries: a
     method that calls another does not multiply the waiting)."""
 
-    def wrapper(self: Storage, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+    def wrapper(self: _S, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if getattr(self._local, "retrying", False):
             return method(self, *args, **kwargs)
         self._local.retrying = True
@@ -731,7 +228,7 @@ def _version_name(etag: str, size: int) -> str:
     return f"{clean}-{size}"
 
 
-class Storage:
+class ObjectStore:
     """S3-compatible storage plus the local URI schemes, with a download cache.
 
     Thread-safe: one instance may serve several threads (boto3 clients are thread-safe).
@@ -768,7 +265,8 @@ class Storage:
         )
         self.region = config.region
         self.pvc_root = Path(pvc_root)
-        self.hub_cache = Path(hub_cache) if hub_cache is not None else hf_hub_cache(env)
+        # None: huggingface_hub's cache (its environment variables), looked up when needed.
+        self.hub_cache = Path(hub_cache) if hub_cache is not None else None
         self.cache_dir: Path | None = None
         if use_cache:
             default_cache = env.get(CACHE_DIR_ENV) or Path(work_dir) / ".cache" / "s3"
@@ -845,7 +343,7 @@ class Storage:
     @classmethod
     def from_trainer_config(
         cls, config: TrainerConfig, env: Mapping[str, str] | None = None, **kwargs: Any
-    ) -> Storage:
+    ) -> Self:
         return cls(config.spec.storage, env=env, work_dir=config.work_dir, **kwargs)
 
     def _retry(self, operation: Callable[[], _R]) -> _R:
@@ -1237,176 +735,6 @@ class Storage:
         ]
         self._delete_keys(src.bucket, keys, uri)
         return len(keys)
-
-    # ------------------------------------------------------------------------- checkpoints
-
-    @_retried
-    def publish_checkpoint(
-        self,
-        local_dir: str | os.PathLike[str],
-        output_uri: str,
-        step: int,
-        *,
-        owner: str | None = None,
-    ) -> str:
-        """Upload a checkpoint to <output>/checkpoints/step-<9 digits>/ and return its URI.
-
-        The _COMPLETE marker (JSON: step, the owner (the FineTuneJob's uid) and every file's
-        size and SHA-256) is written last, after all files are stored: a pod killed mid-upload
-        leaves a prefix without a marker, which complete_checkpoints ignores.
-        """
-        if (Path(local_dir) / COMPLETE_MARKER).exists():
-            raise StorageError(
-                f"{local_dir} contains a file named {COMPLETE_MARKER}, reserved for the marker",
-                uri=output_uri,
-                reason="StorageLocalError",
-            )
-        uri = checkpoint_uri(output_uri, step)
-        ckpt = S3Uri.parse(uri)
-        marker = ckpt.join(COMPLETE_MARKER)
-        # A previous attempt at this step may have left files (or even a marker vouching for
-        # other files): drop the marker first, then the rest, so no mix is ever "complete".
-        stale = [o["Key"] for o in self._list_raw(ckpt.bucket, ckpt.key, uri)]
-        if marker.key in stale:
-            self._delete_keys(ckpt.bucket, [marker.key], uri)
-        self._delete_keys(ckpt.bucket, [k for k in stale if k != marker.key], uri)
-        files = self.upload_dir(local_dir, uri)
-        self.put_json(
-            str(marker),
-            {
-                "step": step,
-                "owner": owner,
-                "createdAt": datetime.now(UTC).isoformat(timespec="seconds"),
-                "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in files],
-            },
-        )
-        return uri
-
-    def _scan_checkpoints(self, output_uri: str) -> dict[int, _Checkpoint]:
-        base = S3Uri.parse(output_uri).join(CHECKPOINTS_DIR + "/")
-        found: dict[int, _Checkpoint] = {}
-        for obj in self._list_raw(base.bucket, base.key, str(base)):
-            dirname, _, rest = obj["Key"][len(base.key) :].partition("/")
-            match = _STEP_DIR_RE.fullmatch(dirname)
-            if not match or not rest:
-                continue
-            step = int(match.group(1))
-            ckpt = found.setdefault(step, _Checkpoint(step, str(base.join(dirname + "/"))))
-            ckpt.sizes[rest] = int(obj["Size"])
-        return found
-
-    def _vouched(self, ckpt: _Checkpoint, owner: str | None = None) -> bool:
-        """Whether the checkpoint's marker exists, names its step (and `owner`, when given),
-        and lists files that all exist with the recorded sizes (one GET; the sizes come from
-        the listing)."""
-        if COMPLETE_MARKER not in ckpt.sizes:
-            return False
-        marker_uri = str(S3Uri.parse(ckpt.uri).join(COMPLETE_MARKER))
-        try:
-            marker = json.loads(self.read_bytes(marker_uri))
-            files = {str(f["path"]): int(f["size"]) for f in marker["files"]}
-            if owner is not None and marker.get("owner") != owner:
-                log.warning(
-                    "ignoring checkpoint %s: written by another job (owner %s, not %s)",
-                    ckpt.uri,
-                    marker.get("owner"),
-                    owner,
-                )
-                return False
-            valid = marker["step"] == ckpt.step and all(
-                ckpt.sizes.get(path) == size for path, size in files.items()
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring checkpoint %s: unreadable marker (%s)", ckpt.uri, exc)
-            return False
-        except StorageError as exc:
-            if exc.reason != "StorageNotFound":  # else: pruned between listing and reading
-                raise
-            return False
-        if not valid:
-            log.warning("ignoring checkpoint %s: its marker does not match its files", ckpt.uri)
-        return bool(valid)
-
-    @_retried
-    def complete_checkpoints(
-        self, output_uri: str, owner: str | None = None
-    ) -> builtins.list[tuple[int, str]]:
-        """(step, uri) of every checkpoint whose _COMPLETE marker vouches for its files (and
-        names `owner`, when given), newest first. Prefixes without a marker (killed uploads)
-        never qualify, nor do another job's checkpoints."""
-        found = sorted(self._scan_checkpoints(output_uri).values(), key=lambda c: -c.step)
-        return [(c.step, c.uri) for c in found if self._vouched(c, owner)]
-
-    def latest_complete_checkpoint(
-        self, output_uri: str, owner: str | None = None
-    ) -> tuple[int, str] | None:
-        """The newest of complete_checkpoints, or None."""
-        return next(iter(self.complete_checkpoints(output_uri, owner)), None)
-
-    @_retried
-    def fetch_checkpoint(self, uri: str, dest: str | os.PathLike[str]) -> Path:
-        """Download a complete checkpoint and check every file against the SHA-256 its
-        _COMPLETE marker recorded (sizes alone miss a corrupted or replaced file): a
-        StorageError with reason StorageChecksumMismatch names the files that differ."""
-        local = self.fetch(uri, dest)
-        try:
-            marker = json.loads((local / COMPLETE_MARKER).read_bytes())
-            expected = {str(f["path"]): str(f["sha256"]) for f in marker["files"]}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StorageError(
-                f"{uri}: unreadable {COMPLETE_MARKER} marker ({exc})",
-                uri=uri,
-                reason="StorageChecksumMismatch",
-            ) from exc
-        bad = [
-            path
-            for path, digest in sorted(expected.items())
-            if not (local / path).is_file() or sha256_file(local / path) != digest
-        ]
-        if bad:
-            raise StorageError(
-                f"{uri}: {', '.join(bad[:5])} do(es) not match the SHA-256 in its "
-                f"{COMPLETE_MARKER} marker",
-                uri=uri,
-                reason="StorageChecksumMismatch",
-            )
-        return local
-
-    @_retried
-    def prune_checkpoints(
-        self, output_uri: str, keep: int, owner: str | None = None
-    ) -> builtins.list[int]:
-        """Keep the newest `keep` complete checkpoints; delete older ones and incomplete ones
-        below the newest complete step (leftovers of killed pods). Returns deleted steps.
-
-        Incomplete checkpoints above the newest complete one are left alone: they may be an
-        upload in progress. Each marker is deleted before its files, so an interrupted prune
-        leaves an incomplete checkpoint, never a complete-looking partial one.
-        """
-        if keep < 1:
-            raise ValueError("keep must be at least 1: resuming needs a checkpoint")
-        found = self._scan_checkpoints(output_uri)
-        steps = sorted(found, reverse=True)
-        complete = [s for s in steps if self._vouched(found[s], owner)]
-        if not complete:
-            return []
-        doomed = complete[keep:] + [s for s in steps if s not in complete and s < complete[0]]
-        for step in sorted(doomed):
-            ckpt = S3Uri.parse(found[step].uri)
-            keys = [ckpt.join(rel).key for rel in found[step].sizes]
-            marker = ckpt.join(COMPLETE_MARKER).key
-            if marker in keys:
-                self._delete_keys(ckpt.bucket, [marker], found[step].uri)
-                keys.remove(marker)
-            self._delete_keys(ckpt.bucket, keys, found[step].uri)
-        return sorted(doomed)
-
-
-@dataclass
-class _Checkpoint:
-    step: int
-    uri: str
-    sizes: dict[str, int] = field(default_factory=dict)  # path below the step dir -> size
 
 
 def _mtime_ns(obj: ObjectInfo) -> int:
