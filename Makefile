@@ -101,15 +101,17 @@ demo: cluster-up
 # docs/benchmarks.md; `make bench BENCH_OUT=/tmp/bench` leaves the published ones alone).
 # About 13 minutes on a 2-core VM, most of it the classic recipe's padded training and the
 # operator's 2 x 1,000 FineTuneJobs, plus DPO against TRL's DPOTrainer (a few minutes on an idle
-# VM). The GPU benchmark (benchmarks/gpu_throughput.py) runs on a GPU machine, and so does
+# VM), and data_scale.py's 10k / 100k / 1M chat records in memory and streamed (about 25
+# minutes more, most of it the in-memory path at 1M). The GPU benchmark
+# (benchmarks/gpu_throughput.py) runs on a GPU machine, and so does
 # benchmarks/dpo_throughput.py with larger sizes (docs/dpo.md).
 BENCH_OUT ?= docs/benchmarks
 bench: cluster-up
 	@set -e; mkdir -p $(BENCH_OUT); start=$$SECONDS; \
 	for step in "startup.py" "s3_pull.py --reps 2" "operator_scale.py" "trainer_throughput.py" \
-		"dpo_throughput.py"; do \
+		"dpo_throughput.py" "data_scale.py"; do \
 		script=$${step%% *}; t0=$$SECONDS; \
 		$(PY) benchmarks/$$step --out $(BENCH_OUT)/$${script%.py}.json; \
 		echo "make bench: $$script took $$((SECONDS - t0)) s"; \
 	done; \
-	echo "make bench: all five took $$((SECONDS - start)) s; results in $(BENCH_OUT)/"
+	echo "make bench: all six took $$((SECONDS - start)) s; results in $(BENCH_OUT)/"

@@ -108,3 +108,32 @@ def test_startup_reads_the_trainer_log(tmp_path: Path, monkeypatch: pytest.Monke
     breakdown = run_.breakdown()
     assert breakdown["first optimizer step"] == pytest.approx(1.687, abs=1e-3)
     assert breakdown["scheduler binds the pod"] is None  # no pod events in this test
+
+
+def test_data_scale_smoke(tmp_path: Path) -> None:
+    """benchmarks/data_scale.py at 200 and 400 records (no cluster needed: local files)."""
+    out = tmp_path / "data_scale.json"
+    run(
+        "data_scale.py", "--sizes", "200,400", "--quick", "--threads", "1",
+        "--work", str(tmp_path / "work"), "--out", str(out), timeout=600,
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert {"command", "device", "settings", "targets", "results", "targets_met"} <= set(data)
+    assert [size["records"] for size in data["results"]] == [200, 400]
+    for size in data["results"]:
+        runs = size["runs"]
+        assert set(runs) == {"in-memory", "streaming", "streaming-cached"}
+        for name, result in runs.items():
+            assert "failed" not in result, (name, result)
+            assert result["steps"] == 1
+            for key in ("peak_rss_mib", "time_to_first_step_s", "setup_s", "data_s"):
+                positive(result[key], f"{name} {key}")
+            assert result["records"] == size["records"]
+        # The same data gives the same examples on every path.
+        assert len({r["examples"] for r in runs.values()}) == 1
+        assert len({r["total_tokens"] for r in runs.values()}) == 1
+    assert set(data["targets_met"]) >= {
+        "streaming_peak_rss_within_1_5x",
+        "streaming_not_slower_at_smallest",
+    }
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -16,20 +16,84 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from kubetune_trainer.data.packing import batch_rows, epoch_rows
+from kubetune_trainer.data.packing import (
+    batch_rows,
+    epoch_rows,
+    epoch_rows_compact,
+    packing_efficiency,
+)
+from kubetune_trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 SchedulerKind = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
 # A micro-batch: rows of example indices. Packed: several examples per row; padded: one.
 MicroBatch = list[list[int]]
+
+
+class EpochBatches(Sequence[MicroBatch]):
+    """An epoch's micro-batches built on demand from arrays (pack_rows_compact): the same
+    micro-batches as batch_rows(epoch_rows(...)), in O(examples) int64 memory."""
+
+    def __init__(
+        self,
+        members: np.ndarray,
+        starts: np.ndarray,
+        row_order: np.ndarray,
+        batch_size: int,
+        batches: int,
+    ) -> None:
+        self.members, self.starts, self.row_order = members, starts, row_order
+        self.batch_size, self.batches = batch_size, batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def _batch(self, index: int) -> MicroBatch:
+        rows = self.row_order[index * self.batch_size : (index + 1) * self.batch_size].tolist()
+        starts = self.starts
+        return [self.members[starts[r] : starts[r + 1]].tolist() for r in rows]
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._batch(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"micro-batch {index} of {len(self)}")
+        return self._batch(index)
+
+    def row_fill(self, lengths: np.ndarray) -> float:
+        """packing_efficiency over the rows of this epoch's micro-batches."""
+        rows = self.row_order[: self.batches * self.batch_size]
+        if not len(rows):
+            return 0.0
+        used = np.add.reduceat(lengths[self.members], self.starts[:-1])[rows]
+        longest = int(used.max())
+        return float(used.sum()) / (longest * len(used)) if longest else 0.0
+
+
+def too_few_batches(batches: int, world_size: int, batch_size: int, packing: bool) -> ConfigError:
+    unit = "packed rows" if packing else "examples"
+    most = batches * batch_size
+    return ConfigError(
+        f"the training data makes {batches} micro-batch(es) of batchSize={batch_size} {unit} "
+        f"per epoch, fewer than the {world_size} processes that each need one in every step: "
+        f"lower hyperparameters.batchSize to {max(1, most // world_size)} or less, run at most "
+        f"{batches} process(es) (resources.gpus / processesPerNode x nodes), or add training data"
+    )
 
 
 @dataclass(frozen=True)
@@ -51,7 +115,8 @@ class StepBatches:
 class TrainingPlan:
     """The deterministic order of micro-batches and optimizer steps for a run."""
 
-    lengths: Sequence[int]
+    # An int64 array (a TokenStore's lengths) plans in arrays; a list, in lists.
+    lengths: Sequence[int] | NDArray[np.int64]
     max_seq_length: int
     batch_size: int
     gradient_accumulation_steps: int
@@ -60,10 +125,10 @@ class TrainingPlan:
     max_steps: int | None = None
     packing: bool = True
     world_size: int = 1
-    _epochs: dict[int, list[MicroBatch]] = field(default_factory=dict, repr=False)
+    _epochs: dict[int, Sequence[MicroBatch]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.lengths:
+        if len(self.lengths) == 0:
             raise ValueError("a training plan needs at least one example")
         self.steps_per_epoch = self.epoch_steps(0)
         self.total_steps = self._total_steps()
@@ -72,9 +137,15 @@ class TrainingPlan:
     def batches_per_step(self) -> int:
         return self.gradient_accumulation_steps * self.world_size
 
-    def epoch_batches(self, epoch: int) -> list[MicroBatch]:
-        """Micro-batches of one epoch, in training order (cached)."""
+    def epoch_batches(self, epoch: int) -> Sequence[MicroBatch]:
+        """Micro-batches of one epoch, in training order (cached).
+
+        With lengths as a NumPy array (a TokenStore's) they are kept as arrays and built on
+        demand (EpochBatches); with a list, as lists. Both give the same micro-batches."""
         if epoch not in self._epochs:
+            if isinstance(self.lengths, np.ndarray):
+                self._epochs[epoch] = self._compact_epoch(epoch)
+                return self._epochs[epoch]
             if self.packing:
                 rows = epoch_rows(self.lengths, self.max_seq_length, seed=self.seed, epoch=epoch)
             else:
@@ -83,11 +154,41 @@ class TrainingPlan:
                 rows = [[i] for i in order]
             batches = batch_rows(rows, self.batch_size)
             if self.world_size > 1:
+                if len(batches) < self.world_size:
+                    raise too_few_batches(
+                        len(batches), self.world_size, self.batch_size, self.packing
+                    )
                 # Every process must get a micro-batch in every step, or DDP waits forever.
-                usable = len(batches) // self.world_size * self.world_size
-                batches = batches[: max(usable, self.world_size)]
+                batches = batches[: len(batches) // self.world_size * self.world_size]
             self._epochs[epoch] = batches
         return self._epochs[epoch]
+
+    def _compact_epoch(self, epoch: int) -> EpochBatches:
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        if self.packing:
+            members, starts, row_order = epoch_rows_compact(
+                lengths, self.max_seq_length, seed=self.seed, epoch=epoch
+            )
+        else:
+            order = array("q", range(len(lengths)))
+            random.Random(f"{self.seed}/{epoch}").shuffle(order)
+            members = np.frombuffer(order, dtype=np.int64).copy()
+            starts = np.arange(len(lengths) + 1, dtype=np.int64)
+            row_order = np.arange(len(lengths), dtype=np.int64)
+        batches = -(-len(row_order) // self.batch_size)
+        if self.world_size > 1:
+            if batches < self.world_size:
+                raise too_few_batches(batches, self.world_size, self.batch_size, self.packing)
+            batches = batches // self.world_size * self.world_size
+        return EpochBatches(members, starts, row_order, self.batch_size, batches)
+
+    def row_fill(self, epoch: int = 0) -> float:
+        """Non-padding fraction of the epoch's packed rows (packing_efficiency)."""
+        batches = self.epoch_batches(epoch)
+        if isinstance(batches, EpochBatches):
+            return batches.row_fill(np.asarray(self.lengths, dtype=np.int64))
+        flat = [row for batch in batches for row in batch]
+        return packing_efficiency(flat, cast(Sequence[int], self.lengths))
 
     def epoch_steps(self, epoch: int) -> int:
         return math.ceil(len(self.epoch_batches(epoch)) / self.batches_per_step)
@@ -112,7 +213,7 @@ class TrainingPlan:
     def step_batches(self, step: int) -> StepBatches:
         epoch, local = self.locate(step)
         first = local * self.batches_per_step
-        batches = self.epoch_batches(epoch)[first : first + self.batches_per_step]
+        batches = list(self.epoch_batches(epoch)[first : first + self.batches_per_step])
         return StepBatches(step=step, epoch=epoch, first_batch=first, batches=batches)
 
     def position(self, steps_done: int) -> tuple[int, int]:

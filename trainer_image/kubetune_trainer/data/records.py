@@ -173,13 +173,16 @@ def _read_json(file: Path, name: str) -> Iterator[Record | DatasetError]:
 def _read_parquet(file: Path, name: str) -> Iterator[Record | DatasetError]:
     import pyarrow.parquet as pq  # noqa: PLC0415 - heavy import, only for Parquet inputs
 
+    # Row groups a batch at a time, so a large file is never all in memory as Python objects.
+    index = 0
     try:
-        table = pq.read_table(file)
+        batches = pq.ParquetFile(file).iter_batches(batch_size=1024)
+        for batch in batches:
+            for row in batch.to_pylist():
+                index += 1
+                yield Record(row, name, index)
     except Exception as exc:  # pyarrow raises several unrelated types
         yield DatasetError(f"{name}: cannot read Parquet: {exc}")
-        return
-    for index, row in enumerate(table.to_pylist(), start=1):
-        yield Record(row, name, index)
 
 
 def read_records(path: str | Path) -> Iterator[Record | DatasetError]:
@@ -371,11 +374,93 @@ def _record_error(record: Record, fmt: RecordFormat, origin: str | None) -> str 
     return f"{record.location}: {problem}"
 
 
-def _raise_errors(errors: list[str], what: str) -> None:
-    shown = "\n  ".join(errors[:MAX_REPORTED_ERRORS])
-    more = len(errors) - min(len(errors), MAX_REPORTED_ERRORS)
-    tail = f"\n  ... and {more} more" if more else ""
-    raise DatasetError(f"{what}: {len(errors)} invalid record(s):\n  {shown}{tail}")
+class _Validator:
+    """Validate records one at a time, in file order, with load_records' messages.
+
+    Memory stays flat: only the records before the first valid one are held (their messages
+    depend on the format that record decides), plus the first few error messages.
+    """
+
+    def __init__(self, fmt: FormatOption) -> None:
+        if fmt != "auto" and fmt not in RECORD_FORMATS:
+            raise DatasetError(f"unknown dataset format {fmt!r}")
+        self.resolved: RecordFormat | None = None if fmt == "auto" else fmt
+        self.origin: str | None = None
+        self.pending: list[Record | DatasetError] = []
+        self.errors: list[str] = []
+        self.error_count = 0
+        self.count = 0
+        self.first: Record | None = None
+
+    def _error(self, message: str) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(message)
+
+    def _check(self, item: Record | DatasetError) -> Record | None:
+        if isinstance(item, DatasetError):
+            self._error(str(item))
+            return None
+        if self.resolved is not None and (error := _record_error(item, self.resolved, self.origin)):
+            self._error(error)
+            return None
+        return item
+
+    def feed(self, item: Record | DatasetError) -> Iterator[Record]:
+        """The records now known to be valid (pending ones once the format is decided)."""
+        if isinstance(item, Record):
+            self.count += 1
+            if self.first is None:
+                self.first = item
+            if self.resolved is None:
+                guess = guess_format(item.data)
+                if guess is not None and validate_record(item.data, guess) is None:
+                    self.resolved, self.origin = guess, item.location
+        if self.resolved is None:
+            self.pending.append(item)
+            return
+        if self.pending:
+            pending, self.pending = self.pending, []
+            for held in pending:
+                if (record := self._check(held)) is not None:
+                    yield record
+        if (record := self._check(item)) is not None:
+            yield record
+
+    def finish(self, path: str | Path) -> RecordFormat:
+        """Raise the collected errors (or an empty/undetectable dataset); else the format."""
+        if self.resolved is None:
+            # No valid record at all: validate against what the keys suggest so the error
+            # names the broken field rather than just "cannot detect the format".
+            self.resolved = next(
+                (g for r in self.pending if isinstance(r, Record) and (g := guess_format(r.data))),
+                None,
+            )
+        pending, self.pending = self.pending, []
+        for held in pending:
+            if self.resolved is None:
+                if isinstance(held, DatasetError):
+                    self._error(str(held))
+            else:
+                self._check(held)
+        if self.error_count:
+            shown = "\n  ".join(self.errors)
+            more = self.error_count - len(self.errors)
+            tail = f"\n  ... and {more} more" if more else ""
+            raise DatasetError(f"{path}: {self.error_count} invalid record(s):\n  {shown}{tail}")
+        if self.first is None:
+            raise DatasetError(f"{path}: the dataset is empty (no records)")
+        if self.resolved is None:
+            first = self.first
+            keys = ", ".join(sorted(first.data)) or "none"
+            raise DatasetError(
+                f"{first.location}: cannot detect the dataset format: no record is a valid chat "
+                f"(messages), instruction (instruction, output), prompt-completion (prompt, "
+                f"completion), text (text), preference (input, preferred_output, "
+                f"non_preferred_output) or prompt-chosen-rejected (prompt, chosen, rejected) "
+                f"record; first record keys: {keys}"
+            )
+        return self.resolved
 
 
 def load_records(path: str | Path, fmt: FormatOption = "auto") -> Dataset:
@@ -384,46 +469,38 @@ def load_records(path: str | Path, fmt: FormatOption = "auto") -> Dataset:
     With fmt="auto" the format comes from the first valid record's keys and every other
     record must then be of that format.
     """
-    if fmt != "auto" and fmt not in RECORD_FORMATS:
-        raise DatasetError(f"unknown dataset format {fmt!r}")
-    items = list(read_records(path))
-    records = [item for item in items if isinstance(item, Record)]
+    validator = _Validator(fmt)
+    records = [record for item in read_records(path) for record in validator.feed(item)]
+    return Dataset(records, validator.finish(path))
 
-    resolved: RecordFormat | None = None if fmt == "auto" else fmt
-    origin: str | None = None
-    if resolved is None:
-        for record in records:
-            guess = guess_format(record.data)
-            if guess is not None and validate_record(record.data, guess) is None:
-                resolved, origin = guess, record.location
-                break
-        else:
-            # No valid record at all: validate against what the keys suggest so the error
-            # names the broken field rather than just "cannot detect the format".
-            resolved = next((g for r in records if (g := guess_format(r.data))), None)
 
-    # Read errors and invalid records are reported together, in file order.
-    errors: list[str] = []
-    for item in items:
-        if isinstance(item, DatasetError):
-            errors.append(str(item))
-        elif resolved is not None and (error := _record_error(item, resolved, origin)):
-            errors.append(error)
-    if errors:
-        _raise_errors(errors, str(path))
-    if not records:
-        raise DatasetError(f"{path}: the dataset is empty (no records)")
-    if resolved is None:
-        first = records[0]
-        keys = ", ".join(sorted(first.data)) or "none"
-        raise DatasetError(
-            f"{first.location}: cannot detect the dataset format: no record is a valid chat "
-            f"(messages), instruction (instruction, output), prompt-completion (prompt, "
-            f"completion), text (text), preference (input, preferred_output, "
-            f"non_preferred_output) or prompt-chosen-rejected (prompt, chosen, rejected) "
-            f"record; first record keys: {keys}"
-        )
-    return Dataset(records, resolved)
+@dataclass(frozen=True)
+class DataScan:
+    """What a validating pass over a dataset learned, without keeping its records."""
+
+    path: Path
+    format: RecordFormat
+    count: int  # records (all valid)
+    first_location: str
+
+
+def scan_records(path: str | Path, fmt: FormatOption = "auto") -> DataScan:
+    """Validate every record as load_records does (same errors), holding none of them."""
+    validator = _Validator(fmt)
+    for item in read_records(path):
+        for _ in validator.feed(item):
+            pass
+    resolved = validator.finish(path)
+    assert validator.first is not None  # finish() raises on an empty dataset
+    return DataScan(Path(path), resolved, validator.count, validator.first.location)
+
+
+def iter_records(path: str | Path) -> Iterator[Record]:
+    """The records of a dataset scan_records accepted, in file order, one at a time."""
+    for item in read_records(path):
+        if isinstance(item, DatasetError):  # the data changed since it was scanned
+            raise item
+        yield item
 
 
 def split_train_validation(
@@ -434,13 +511,17 @@ def split_train_validation(
     With >= 2 records the validation part gets at least one record and the training part
     keeps at least one.
     """
-    if not 0 < fraction < 1:
-        raise ValueError(f"validation fraction must be between 0 and 1 (got {fraction})")
-    n = len(records)
-    if n < 2:
-        return list(records), []
-    n_val = min(n - 1, max(1, round(n * fraction)))
-    chosen = set(random.Random(seed).sample(range(n), n_val))
+    chosen = set(validation_indices(len(records), fraction, seed))
     train = [r for i, r in enumerate(records) if i not in chosen]
     validation = [r for i, r in enumerate(records) if i in chosen]
     return train, validation
+
+
+def validation_indices(n: int, fraction: float, seed: int = 0) -> list[int]:
+    """The record positions split_train_validation puts in the validation part."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be between 0 and 1 (got {fraction})")
+    if n < 2:
+        return []
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    return random.Random(seed).sample(range(n), n_val)

@@ -236,6 +236,75 @@ def encode_record(
     """
     if bos is None:
         bos = adds_bos(tokenizer)
+    layout = layout_record(data, fmt, tokenizer, bos=bos)
+    return encode_segments(layout.segments, tokenizer, bos=layout.bos, eos=layout.eos)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A record rendered but not yet tokenized: what encode_segments takes."""
+
+    segments: list[Segment]
+    bos: bool
+    eos: bool
+
+
+def layout_record(
+    data: Mapping[str, Any], fmt: RecordFormat, tokenizer: PreTrainedTokenizerBase, *, bos: bool
+) -> Layout:
+    """The segments of one record and whether a BOS / EOS goes around them."""
     if fmt == "chat":
-        return encode_chat(data["messages"], tokenizer, bos=bos)
-    return encode_segments(record_segments(data, fmt), tokenizer, bos=bos, eos=True)
+        if getattr(tokenizer, "chat_template", None):
+            # The template writes its own BOS (if any), so no special tokens are added.
+            return Layout(template_segments(tokenizer, data["messages"]), bos=False, eos=False)
+        return Layout(chatml_segments(data["messages"]), bos=bos, eos=False)
+    return Layout(record_segments(data, fmt), bos=bos, eos=True)
+
+
+def _encode_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """tokenizer(text, add_special_tokens=False)["input_ids"] for every text, in one call.
+
+    A plain fast tokenizer (no truncation, padding or special-token splitting configured on
+    its Rust backend) is called directly: the same ids without transformers' per-encoding
+    conversion, which otherwise costs as much as the encoding itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if tokenizer.is_fast else None
+    if (
+        backend is not None
+        and hasattr(backend, "encode_batch_fast")
+        and backend.truncation is None
+        and backend.padding is None
+        and bool(backend.encode_special_tokens)
+        == bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    ids: list[list[int]] = tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"]
+    return ids
+
+
+def encode_layouts(layouts: Sequence[Layout], tokenizer: PreTrainedTokenizerBase) -> list[Encoded]:
+    """encode_segments for many records with one tokenizer call (a fast tokenizer encodes a
+    batch on its own threads); the same ids as encoding each segment alone."""
+    texts = [s.text for layout in layouts for s in layout.segments if s.text]
+    pieces = _encode_texts(texts, tokenizer) if texts else []
+    out: list[Encoded] = []
+    at = 0
+    for layout in layouts:
+        ids: list[int] = []
+        mask: list[bool] = []
+        if layout.bos and tokenizer.bos_token_id is not None:
+            ids.append(tokenizer.bos_token_id)
+            mask.append(False)
+        for segment in layout.segments:
+            if not segment.text:
+                continue
+            piece = pieces[at]
+            at += 1
+            ids.extend(piece)
+            mask.extend([segment.train] * len(piece))
+        if layout.eos:
+            ids.append(_eos_id(tokenizer))
+            mask.append(True)
+        out.append(Encoded(ids, mask))
+    return out
