@@ -3,7 +3,8 @@ applied with kubectl, the real trainer on the process node (each pod's processes
 pods finding each other through the headless Service's names), the local S3 server.
 
 1. 2 pods x 2 processes train to Succeeded, the status says so, and the loss curve is a
-   single process's with the same global batch;
+   single process's with the same global batch; the same gang fine-tunes all weights with
+   FSDP (sharded checkpoints from both pods, whole weights published);
 2. a trainer process killed in one pod mid-training restarts the whole gang, which resumes from
    the last checkpoint at its step; only that pod uses up a retry.
 """
@@ -134,8 +135,10 @@ def test_two_pods_of_two_processes_train_like_one_process_with_the_same_global_b
     apply(cluster, quickstart("single", hyperparameters={**hp, "batchSize": 4}))
     gang = wait_phase(cluster, "gang", "Succeeded")
     single = wait_phase(cluster, "single", "Succeeded")
+    reason = gang["distributed"].pop("reason")
     assert gang["distributed"] == {"nodes": 2, "processesPerNode": 2, "worldSize": 4,
                                    "strategy": "ddp"}  # fmt: skip
+    assert reason.startswith("auto: "), reason  # no memory limit known on this CPU node
     assert single["distributed"]["worldSize"] == 1
     assert gang["progress"]["step"] == single["progress"]["step"] == steps
     job = cluster.get("job", gang["jobName"], NAMESPACE)
@@ -148,6 +151,35 @@ def test_two_pods_of_two_processes_train_like_one_process_with_the_same_global_b
     assert abs(ours[first] - theirs[first]) <= 1e-5 * theirs[first], (ours, theirs)
     for step in ours:
         assert abs(ours[step] - theirs[step]) <= 5e-3 * theirs[step], (step, ours, theirs)
+
+
+def test_two_pods_of_two_processes_fine_tune_all_weights_with_fsdp(installed: Cluster) -> None:
+    """spec.distributed.strategy fsdp on 2 pods x 2 processes, full fine-tuning: the gang
+    shards the model over its 4 processes (gloo across pods), writes sharded checkpoints that
+    every pod's processes contribute to, and publishes whole safetensors weights from rank 0."""
+    cluster = installed
+    apply(cluster, quickstart(
+        "fsdp",
+        method="full",
+        hyperparameters={"maxSteps": 6, "batchSize": 1, "epochs": 1, "learningRate": 1e-4},
+        checkpointing={"intervalSteps": 3},
+        distributed={"strategy": "fsdp"},
+        resources={"nodes": 2, "processesPerNode": 2},
+    ))  # fmt: skip
+    done = wait_phase(cluster, "fsdp", "Succeeded")
+    assert done["distributed"] == {"nodes": 2, "processesPerNode": 2, "worldSize": 4,
+                                   "strategy": "fsdp",
+                                   "reason": "spec.distributed.strategy is fsdp"}  # fmt: skip
+    assert "fsdp over 4 processes" in done["estimate"]["basis"], done["estimate"]
+    assert done["progress"]["step"] == 6
+    files = {f["path"] for f in done["output"]["files"]}
+    assert {"model.safetensors", "config.json"} <= files, files
+    bucket, _, prefix = f"{OUT}/fsdp".removeprefix("s3://").partition("/")
+    s3 = demo.assets.s3_client(cluster.s3_env)
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/step-000000003/")
+    names = {o["Key"].rsplit("/", 1)[-1] for o in listed.get("Contents", [])}
+    # One shard per process, pods 0 and 1 (ranks 2 and 3 run in pod 1), and the marker.
+    assert {f"__{rank}_0.distcp" for rank in range(4)} | {"_COMPLETE"} <= names, names
 
 
 def trainer_pids(pod_hostname: str) -> list[int]:

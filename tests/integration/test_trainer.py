@@ -248,8 +248,13 @@ def test_lora_chat_reports_status_into_its_finetunejob_and_publishes_loadable_ou
         "f:metrics",
         "f:parameters",
         "f:estimate",
+        "f:distributed",  # one process: strategy single
         "f:output",
     }
+    assert status["distributed"] == {
+        "nodes": 1, "processesPerNode": 1, "worldSize": 1, "strategy": "single",
+        "reason": "one process",
+    }  # fmt: skip
     # The same token cannot write another FineTuneJob's status.
     denied = httpx.patch(
         f"https://{host}:{port}/apis/kubetune.dev/v1alpha1/namespaces/{namespace}"

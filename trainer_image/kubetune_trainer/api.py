@@ -929,6 +929,25 @@ class CheckpointingConfig(_SpecModel):
     )
 
 
+class DistributedConfig(_SpecModel):
+    """How a job with several trainer processes (resources.gpus > 1 or nodes > 1) splits the
+    work."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        default="auto",
+        description=(
+            "auto (default): fsdp when the memory estimate of a whole model replica with its "
+            "gradients and optimizer state exceeds one GPU's memory (on CPU: the pod's memory "
+            "limit shared by its processes; none known: ddp), else ddp. ddp: every process "
+            "holds the whole model and averages gradients (fastest when it fits). fsdp: "
+            "parameters, gradients and optimizer state are sharded over all processes "
+            "(PyTorch FSDP2), one decoder layer gathered at a time; checkpoints are sharded "
+            "and resume on any number of processes. Not for method qlora (4-bit weights cannot "
+            "be sharded). One process trains alone whatever this says."
+        ),
+    )
+
+
 class ServingConfig(_SpecModel):
     """Serve the result with vLLM once the job has succeeded (docs/serving.md)."""
 
@@ -969,6 +988,18 @@ MERGE_NEEDS_ADAPTER = CelRule(
     rule="self.method != 'full' || !self.output.mergeAdapter",
     message="output.mergeAdapter must be false for method full: there is no adapter to merge",
     field_path=".output.mergeAdapter",
+)
+
+FSDP_NEEDS_UNQUANTIZED = CelRule(
+    rule=(
+        "self.method != 'qlora' || !has(self.distributed) || !has(self.distributed.strategy) "
+        "|| self.distributed.strategy != 'fsdp'"
+    ),
+    message=(
+        "distributed.strategy fsdp does not support method qlora (4-bit weights cannot be "
+        "sharded): use strategy ddp or auto, or method lora"
+    ),
+    field_path=".distributed.strategy",
 )
 
 
@@ -1028,6 +1059,7 @@ class FineTuneSpec(_SpecModel):
         json_schema_extra=_validations(
             OBJECTIVE_MATCHES_FORMAT,
             MERGE_NEEDS_ADAPTER,
+            FSDP_NEEDS_UNQUANTIZED,
             *OUTPUT_CLEAR_OF_INPUTS,
             CANCEL_IS_FINAL,
         )
@@ -1084,6 +1116,9 @@ class FineTuneSpec(_SpecModel):
     checkpointing: CheckpointingConfig = _section(
         CheckpointingConfig, "Intermediate checkpoints for resuming after a pod failure."
     )
+    distributed: DistributedConfig = _section(
+        DistributedConfig, "How several trainer processes share the model: ddp or fsdp."
+    )
     serving: ServingConfig = _section(
         ServingConfig, "Serving the fine-tuned model with vLLM once the job has succeeded."
     )
@@ -1138,6 +1173,8 @@ class FineTuneSpec(_SpecModel):
             raise ValueError(OBJECTIVE_MATCHES_FORMAT.message)
         if self.method == "full" and self.output.merge_adapter:
             raise ValueError(MERGE_NEEDS_ADAPTER.message)
+        if self.method == "qlora" and self.distributed.strategy == "fsdp":
+            raise ValueError(FSDP_NEEDS_UNQUANTIZED.message)
         inputs = {
             "baseModel.uri": self.base_model.uri,
             "baseModel.tokenizerUri": self.base_model.tokenizer_uri,
@@ -1322,6 +1359,10 @@ class DistributedStatus(_StatusModel):
             "gradients; fsdp: parameters, gradients and optimizer state are sharded over the "
             "processes."
         ),
+    )
+    reason: ShortText | None = Field(
+        default=None,
+        description="Why this strategy: the spec's choice, or what auto compared.",
     )
 
 

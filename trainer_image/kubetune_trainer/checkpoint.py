@@ -5,6 +5,8 @@ last, so a pod killed mid-upload leaves nothing that looks resumable):
 
     adapter_model.safetensors | model.safetensors   trainable weights (modeling.save_trainable)
     optimizer.pt, scheduler.pt, [scaler.pt]         AdamW moments, LR schedule position, AMP scale
+    | dcp/ (fsdp: instead of the weights and         each process's shard of the trainable weights
+      optimizer.pt; fsdp.py)                        and AdamW moments; loads on any world size
     rng.pt                                          python, numpy, torch and CUDA generator states
     [reference_logps.safetensors]                   DPO + full: the reference log-probabilities
     trainer_state.json                              step, data position, losses, spec, fingerprint
@@ -176,13 +178,15 @@ def save_training_state(
     directory: Path,
     *,
     state: TrainerState,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Write everything except the model weights into `directory`."""
+    """Write everything except the model weights into `directory` (the optimizer too unless
+    None: fsdp checkpoints hold its sharded state with the weights, fsdp.py)."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
     if scaler is not None and scaler.is_enabled():
         torch.save(scaler.state_dict(), directory / SCALER_FILE)
@@ -214,7 +218,7 @@ def read_state(directory: Path) -> TrainerState:
 def load_training_state(
     directory: Path,
     *,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None = None,
     device: torch.device | None = None,
@@ -226,9 +230,10 @@ def load_training_state(
     """
     # A CPU process of a gang has device cpu:<rank> (accelerate), a tag torch.load cannot map.
     where = device if device is not None and device.type != "cpu" else "cpu"
-    optimizer.load_state_dict(
-        torch.load(directory / OPTIMIZER_FILE, map_location=where, weights_only=True)
-    )
+    if optimizer is not None:
+        optimizer.load_state_dict(
+            torch.load(directory / OPTIMIZER_FILE, map_location=where, weights_only=True)
+        )
     scheduler.load_state_dict(torch.load(directory / SCHEDULER_FILE, weights_only=True))
     scaler_file = directory / SCALER_FILE
     if scaler is not None and scaler.is_enabled() and scaler_file.exists():

@@ -364,3 +364,19 @@ def resolve_gradient_checkpointing(
     if estimate_without is None or gpu_memory_bytes is None:
         return False
     return estimate_without.per_gpu > TIGHT_FRACTION * gpu_memory_bytes
+
+
+def sharded(estimate: MemoryEstimate, world_size: int, layers: int) -> MemoryEstimate:
+    """The estimate per process under FSDP over `world_size` processes: weights, gradients and
+    optimizer state are divided among them; activations, logits and the overhead are not. Two
+    decoder layers are whole at a time (the one computing and the one prefetched)."""
+    if world_size <= 1:
+        return estimate
+    gathered = 2 * math.ceil(estimate.weights / max(layers, 1))
+    weights = min(estimate.weights, math.ceil(estimate.weights / world_size) + gathered)
+    state = math.ceil(estimate.trainable_state / world_size)
+    basis = (
+        f"{estimate.basis}; fsdp over {world_size} processes: weights {_gb(weights)} (a "
+        f"1/{world_size} shard + 2 gathered layers) + optimizer/grads {_gb(state)}"
+    )
+    return replace(estimate, weights=weights, trainable_state=state, basis=basis)

@@ -45,9 +45,15 @@ def write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def save_adapter(model: torch.nn.Module, out_dir: Path, base_model_uri: str) -> None:
-    """adapter_model.safetensors + adapter_config.json, naming the base model by its URI."""
-    model.save_pretrained(str(out_dir))  # type: ignore[operator]
+def save_adapter(
+    model: torch.nn.Module,
+    out_dir: Path,
+    base_model_uri: str,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """adapter_model.safetensors + adapter_config.json, naming the base model by its URI.
+    `state_dict`: the adapter's weights when the model's own are sharded (fsdp)."""
+    model.save_pretrained(str(out_dir), state_dict=state_dict)  # type: ignore[operator]
     config_path = out_dir / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     # peft records the local download path; the URI is what a user can find again.
@@ -57,8 +63,20 @@ def save_adapter(model: torch.nn.Module, out_dir: Path, base_model_uri: str) -> 
     (out_dir / "README.md").unlink(missing_ok=True)
 
 
-def save_full_model(model: torch.nn.Module, out_dir: Path, dtype: torch.dtype | None) -> None:
-    """Full weights in the base checkpoint's dtype (bf16/fp16), not the fp32 master copy."""
+def save_full_model(
+    model: torch.nn.Module,
+    out_dir: Path,
+    dtype: torch.dtype | None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Full weights in the base checkpoint's dtype (bf16/fp16), not the fp32 master copy.
+    `state_dict`: the whole weights when the model's own are sharded (fsdp; gathered to the
+    CPU), saved instead of the model's."""
+    if state_dict is not None:
+        if dtype is not None:
+            state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        model.save_pretrained(str(out_dir), state_dict=state_dict)  # type: ignore[operator]
+        return
     if dtype is not None:
         model.to(dtype)
     model.save_pretrained(str(out_dir))  # type: ignore[operator]

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from kubetune_trainer import dpo
+from kubetune_trainer import dpo, fsdp
 from kubetune_trainer import estimate as mem
 from kubetune_trainer.api import (
     MemoryEstimate,
@@ -76,7 +76,6 @@ from kubetune_trainer.data import (
     collate_packed,
     collate_padded,
     load_records,
-    packing_efficiency,
     split_train_validation,
     tokenize_records,
 )
@@ -88,9 +87,26 @@ from kubetune_trainer.data.preference import (
     pair_text,
     tokenize_pairs,
 )
-from kubetune_trainer.data.records import PREFERENCE_FORMATS, RecordFormat
+from kubetune_trainer.data.records import (
+    PREFERENCE_FORMATS,
+    DataScan,
+    RecordFormat,
+    scan_records,
+)
+from kubetune_trainer.data.store import (
+    ExampleChain,
+    RecordStream,
+    TokenStore,
+    split_stream,
+    tokenized_stores,
+)
 from kubetune_trainer.data.tokenize import Example, TokenizedDataset
-from kubetune_trainer.distributed import distributed_status
+from kubetune_trainer.distributed import (
+    Strategy,
+    choose_strategy,
+    cpu_memory_limit,
+    distributed_status,
+)
 from kubetune_trainer.errors import ConfigError, ModelError, Preempted
 from kubetune_trainer.evaluation import (
     REPORT_JSON,
@@ -140,7 +156,7 @@ from kubetune_trainer.reporting import (
     ThroughputWindow,
     log_every,
 )
-from kubetune_trainer.storage import Storage, StorageError
+from kubetune_trainer.storage import Storage, StorageError, UploadedFile, checkpoint_uri
 from kubetune_trainer.training_log import TrainingLog
 
 log = logging.getLogger(__name__)
@@ -266,6 +282,14 @@ def train_step(
 class FineTuneRecipe:
     """LoRA / QLoRA / full fine-tuning (SFT or DPO) of a causal LM from object storage."""
 
+    # Set by setup(): records in lists (DPO, or streaming_data off) or streamed from disk, and
+    # examples in lists or memory-mapped stores (data/store.py).
+    train_records: Sequence[Record] | RecordStream
+    validation_records: Sequence[Record] | RecordStream
+    train_examples: TokenizedDataset | TokenStore
+    validation_examples: TokenizedDataset | TokenStore
+    _trained_tokens: Sequence[int]
+
     def __init__(
         self,
         config: TrainerConfig,
@@ -300,6 +324,8 @@ class FineTuneRecipe:
         self.reporter = StatusReporter.from_environment(
             config.job if self.is_main else None, self.env
         )
+        # spec.distributed.strategy, decided in _setup_estimate (auto compares the estimate).
+        self.strategy: Strategy = "single" if self.world_size == 1 else "ddp"
         self.reporter.report(distributed=distributed_status(self.env, self.world_size))
         self.preemption = preemption or SigtermFlag()
         # hyperparameters.packing, unless the model turns out not to keep packed sequences
@@ -322,6 +348,10 @@ class FineTuneRecipe:
         # final checkpoint).
         self.before_step: Callable[[StepBatches], None] | None = None
         self.after_training: Callable[[], None] | None = None
+        # SFT data streamed from disk into memory-mapped token arrays (data/store.py), cached in
+        # the work dir; False keeps every record and example in Python lists (the path before
+        # streaming, kept for DPO and for the benchmarks' side-by-side runs).
+        self.streaming_data = True
 
     # ------------------------------------------------------------------------------ setup
 
@@ -380,20 +410,54 @@ class FineTuneRecipe:
             raise DatasetError(str(exc).replace(str(local), uri)) from exc
         return dataset.records, dataset.format
 
+    def _scan_records(self, uri: str, local: Path, fmt: str) -> DataScan:
+        """Validate every record as _load_records does, keeping none of them in memory."""
+        try:
+            return scan_records(local, cast(Any, fmt))
+        except DatasetError as exc:
+            raise DatasetError(str(exc).replace(str(local), uri)) from exc
+
+    def _stream_data(self) -> tuple[RecordStream, RecordStream | None]:
+        """SFT data, validated now and streamed again by _setup_sft_examples."""
+        ds, seed = self.spec.dataset, self.spec.hyperparameters.seed
+        scan = self._scan_records(ds.train_uri, self._fetch(ds.train_uri, "data/train"), ds.format)
+        self.format = scan.format
+        if ds.validation_uri:
+            local = self._fetch(ds.validation_uri, "data/validation")
+            return RecordStream(scan), RecordStream(
+                self._scan_records(ds.validation_uri, local, self.format)
+            )
+        if ds.validation_split > 0:
+            return split_stream(scan, ds.validation_split, seed)
+        return RecordStream(scan), None
+
     def _setup_data(self) -> None:
         """Fetch the data and validate every record (no tokenizer needed for that)."""
         self.reporter.report(stage="Fetching")
         ds, seed = self.spec.dataset, self.spec.hyperparameters.seed
-        train, self.format = self._load_records(
-            ds.train_uri, self._fetch(ds.train_uri, "data/train"), ds.format
-        )
-        if ds.validation_uri:
-            local = self._fetch(ds.validation_uri, "data/validation")
-            validation, _ = self._load_records(ds.validation_uri, local, self.format)
-        elif ds.validation_split > 0:
-            train, validation = split_train_validation(train, ds.validation_split, seed=seed)
+        train: Sequence[Record] | RecordStream
+        validation: Sequence[Record] | RecordStream
+        if self.streaming_data and not self.dpo:
+            train, streamed = self._stream_data()
+            validation = [] if streamed is None else streamed
         else:
-            validation = []
+            train, self.format = self._load_records(
+                ds.train_uri, self._fetch(ds.train_uri, "data/train"), ds.format
+            )
+            if ds.validation_uri:
+                local = self._fetch(ds.validation_uri, "data/validation")
+                validation, _ = self._load_records(ds.validation_uri, local, self.format)
+            elif ds.validation_split > 0:
+                train, validation = split_train_validation(train, ds.validation_split, seed=seed)
+            else:
+                validation = []
+        first = (
+            train.scan.first_location
+            if isinstance(train, RecordStream)
+            else train[0].location
+            if train
+            else "the data"
+        )
         preference = self.format in PREFERENCE_FORMATS
         if preference != self.dpo:
             raise DatasetError(
@@ -403,8 +467,7 @@ class FineTuneRecipe:
                     if self.dpo
                     else "chat, instruction, prompt-completion or text records"
                 )
-                + f", but the records are in {self.format} format (detected from "
-                f"{train[0].location if train else 'the data'}): "
+                + f", but the records are in {self.format} format (detected from {first}): "
                 + ("set objective: dpo" if preference else "set objective: sft")
                 + " or use other data"
             )
@@ -450,7 +513,7 @@ class FineTuneRecipe:
                     self.eval_samples.append(prompt)
         prompt_format = self.format
         if self.dpo:  # extra prompts are wrapped like the pairs' prompts
-            chat = pair_text(self.train_records[0].data, self.format).chat
+            chat = pair_text(next(iter(self.train_records)).data, self.format).chat
             prompt_format = "chat" if chat else "prompt-completion"
         self.eval_prompts = (
             [extra_prompt(p, prompt_format, self.tokenizer) for p in ev.prompts]
@@ -497,12 +560,15 @@ class FineTuneRecipe:
         max_len = self.spec.dataset.max_seq_length
         self.train_pairs = TokenizedPairs()
         self.validation_pairs = TokenizedPairs()
-        self.train_examples = tokenize_records(
-            self.train_records, self.tokenizer, self.format, max_len
-        )
-        self.validation_examples = tokenize_records(
-            self.validation_records, self.tokenizer, self.format, max_len
-        )
+        if isinstance(self.train_records, RecordStream):
+            self._tokenize_to_stores()
+        else:
+            self.train_examples = tokenize_records(
+                self.train_records, self.tokenizer, self.format, max_len
+            )
+            self.validation_examples = tokenize_records(
+                self.validation_records, self.tokenizer, self.format, max_len
+            )
         stats = self.train_examples.stats
         if not self.train_examples:
             raise DatasetError(
@@ -521,18 +587,53 @@ class FineTuneRecipe:
             max_len,
             stats.dropped,
         )
-        self._trained_tokens = [e.num_trained for e in self.train_examples]
+        self._trained_tokens = (
+            cast(Sequence[int], self.train_examples.trained)
+            if isinstance(self.train_examples, TokenStore)
+            else [e.num_trained for e in self.train_examples]
+        )
+
+    def _tokenize_to_stores(self) -> None:
+        """Stream the records through the tokenizer into memory-mapped stores in the work
+        dir, or open the ones a previous attempt wrote for the same data, tokenizer and
+        settings. On one node the first process writes them and the others wait and read."""
+        ds = self.spec.dataset
+        train = cast(RecordStream, self.train_records)
+        validation = self.validation_records
+        with self.accelerator.local_main_process_first():
+            stores = tokenized_stores(
+                train,
+                validation if isinstance(validation, RecordStream) else None,
+                cache_root=self.work_dir / "data" / "tokenized",
+                tokenizer=self.tokenizer,
+                tokenizer_dir=Path(self.tokenizer_dir),
+                fmt=self.format,
+                max_seq_length=ds.max_seq_length,
+                split=None
+                if ds.validation_uri
+                else {"fraction": ds.validation_split, "seed": self.spec.hyperparameters.seed},
+            )
+        log.info(
+            "tokenized %d records (cache %s): %s",
+            stores.records,
+            "hit" if stores.hit else "miss",
+            stores.directory,
+        )
+        self.train_examples, self.validation_examples = stores.train, stores.validation
 
     @property
-    def _unit_lengths(self) -> list[int]:
-        """Tokens of each training unit: an example, or a pair (both sequences)."""
+    def _unit_lengths(self) -> Sequence[int]:
+        """Tokens of each training unit: an example, or a pair (both sequences); an int64
+        array for examples on disk."""
+        if not self.dpo and isinstance(self.train_examples, TokenStore):
+            return cast(Sequence[int], self.train_examples.lengths)
         units = self.train_pairs if self.dpo else self.train_examples
         return [len(u) for u in units]
 
-    def _sequences(self) -> list[Example]:
+    def _sequences(self) -> Sequence[Example]:
         """Every training and validation sequence (both sides of each pair)."""
         if not self.dpo:
-            return [*self.train_examples, *self.validation_examples]
+            return ExampleChain(self.train_examples, self.validation_examples)
         pairs = [*self.train_pairs, *self.validation_pairs]
         return [s for p in pairs for s in (p.chosen, p.rejected)]
 
@@ -551,8 +652,7 @@ class FineTuneRecipe:
             world_size=self.world_size,
         )
         rows = self.plan.epoch_batches(0)
-        flat = [row for batch in rows for row in batch]
-        efficiency = packing_efficiency(flat, self._unit_lengths)
+        efficiency = self.plan.row_fill(0)
         unit = "pairs" if self.dpo else "examples"
         log.info(
             "plan: %d optimizer steps (%d per epoch), %d micro-batches of up to %d %s x %d "
@@ -579,6 +679,7 @@ class FineTuneRecipe:
             self.gradient_checkpointing = mem.resolve_gradient_checkpointing(
                 hp.gradient_checkpointing, spec.method
             )
+            self._choose_strategy(None, None)
             return
         seq = self.spec.dataset.max_seq_length
         if not self.packing:
@@ -623,6 +724,8 @@ class FineTuneRecipe:
             if self.gradient_checkpointing
             else without
         )
+        if self._choose_strategy(estimate.per_gpu, gpu_bytes) == "fsdp":
+            estimate = mem.sharded(estimate, self.world_size, shape.layers)
         self.memory_estimate = estimate
         where = "per GPU" if gpu_bytes is not None else "for the process"
         log.info("memory estimate: %.2f GB %s (%s)", estimate.per_gpu / 1e9, where, estimate.basis)
@@ -639,6 +742,36 @@ class FineTuneRecipe:
                 basis=estimate.basis[:1024],
             )
         )
+
+    def _choose_strategy(self, replica_bytes: int | None, gpu_bytes: int | None) -> Strategy:
+        """spec.distributed.strategy as a decision, reported to status.distributed. On CPU the
+        estimate includes the process's own resident memory, which differs between processes:
+        fsdp if any process finds that a replica does not fit, so that all decide alike."""
+        limit = gpu_bytes
+        if self.device.type != "cuda":
+            limit = cpu_memory_limit(int(self.env.get("LOCAL_WORLD_SIZE") or 1))
+        setting = self.spec.distributed.strategy
+        strategy, reason = choose_strategy(
+            setting,
+            world_size=self.world_size,
+            method=self.spec.method,
+            replica_bytes=replica_bytes,
+            memory_limit=limit,
+            where="GPU" if self.device.type == "cuda" else "process (the pod's memory limit)",
+        )
+        if (
+            setting == "auto"
+            and self.world_size > 1
+            and not self._all_processes_agree(strategy == "ddp")
+        ):
+            strategy = "fsdp"
+            reason = "auto: the estimate of a whole replica exceeds the memory of another process"
+        self.strategy = strategy
+        log.info("distributed strategy: %s (%s)", strategy, reason)
+        self.reporter.report(
+            distributed=distributed_status(self.env, self.world_size, strategy, reason)
+        )
+        return strategy
 
     def _setup_model(self) -> None:
         self.reporter.report(stage="Loading")
@@ -680,10 +813,17 @@ class FineTuneRecipe:
         self.reporter.report(
             parameters=ParameterCounts(trainable=self.trainable_params, total=self.total_params)
         )
-        # 4-bit models are placed by from_pretrained(device_map=...) and must not be moved.
-        self.model = self.accelerator.prepare_model(
-            model, device_placement=self.spec.method != "qlora"
-        )
+        if self.strategy == "fsdp":
+            if self.device.type == "cuda":
+                model.to(self.device)
+            self.model = fsdp.shard_model(
+                model, device=self.device, compute_dtype=self.precision.compute_dtype
+            )
+        else:
+            # 4-bit models are placed by from_pretrained(device_map=...) and must not be moved.
+            self.model = self.accelerator.prepare_model(
+                model, device_placement=self.spec.method != "qlora"
+            )
         if self.dpo:
             self._setup_dpo()
 
@@ -728,8 +868,17 @@ class FineTuneRecipe:
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        """The model without the DDP wrapper (for saving, evaluation, disable_adapter)."""
+        """The model without the DDP wrapper (for saving, evaluation, disable_adapter); an FSDP
+        model is its own (fully_shard works in place; its weights are sharded DTensors)."""
+        if self.strategy == "fsdp":
+            return self.model
         return cast(torch.nn.Module, self.accelerator.unwrap_model(self.model))
+
+    def _no_sync(self) -> AbstractContextManager[Any]:
+        """No gradient synchronization for a micro-batch before the last of a step."""
+        if self.strategy == "fsdp":
+            return fsdp.no_gradient_sync(self.model)
+        return cast(AbstractContextManager[Any], self.accelerator.no_sync(self.model))
 
     def _setup_optimizer(self) -> None:
         hp = self.spec.hyperparameters
@@ -787,10 +936,20 @@ class FineTuneRecipe:
                 uri,
             )
         try:
-            load_trainable(self.unwrapped, local, self.spec.method)
+            sharded = fsdp.is_sharded_checkpoint(local)
+            if sharded:
+                # Written by fsdp on any number of processes: resharded onto this run's.
+                fsdp.load_sharded(self.unwrapped, self.optimizer, local, self.spec.method)
+            elif self.strategy == "fsdp":
+                raise ValueError(
+                    "it was written without fsdp (whole weights), and fsdp resumes only its own "
+                    "sharded checkpoints: set distributed.strategy to ddp to resume it"
+                )
+            else:
+                load_trainable(self.unwrapped, local, self.spec.method)
             self._resume_rng = load_training_state(
                 local,
-                optimizer=self.optimizer,
+                optimizer=None if sharded else self.optimizer,
                 scheduler=self.scheduler,
                 scaler=self.scaler,
                 device=self.device,
@@ -981,7 +1140,9 @@ class FineTuneRecipe:
     def _train_step(self, planned: StepBatches) -> tuple[torch.Tensor, int, torch.Tensor | None]:
         """One optimizer step over this process's share of the step's micro-batches; (loss,
         tokens, the step's DPO sums over all processes or None)."""
-        step_tokens = sum(self._trained_tokens[i] for b in planned.batches for r in b for i in r)
+        step_tokens = int(
+            sum(self._trained_tokens[i] for b in planned.batches for r in b for i in r)
+        )
         collate: Callable[[MicroBatch], Any] = (
             self._collate_pairs if self.dpo_loss is not None else self._collate
         )
@@ -996,7 +1157,7 @@ class FineTuneRecipe:
             scheduler=self.scheduler,
             scaler=self.scaler,
             params=self.trainable,
-            no_sync=lambda: self.accelerator.no_sync(self.model),
+            no_sync=self._no_sync,
             trained_logits_only=self.trained_logits_only,
             loss_fn=self.dpo_loss,
         )
@@ -1082,6 +1243,8 @@ class FineTuneRecipe:
     def save_checkpoint(self) -> str | None:
         """Save and publish the full training state at the current step; return its URI."""
         self._drain_losses()
+        if self.strategy == "fsdp":
+            return self._save_sharded_checkpoint()
         uri: str | None = None
         if self.is_main:
             started = time.monotonic()
@@ -1112,6 +1275,69 @@ class FineTuneRecipe:
                 f" (pruned steps {pruned})" if pruned else "",
             )
         self.accelerator.wait_for_everyone()
+        return uri
+
+    def _save_sharded_checkpoint(self) -> str:
+        """fsdp: every process writes its shard (fsdp.save_sharded) and uploads it; then rank 0
+        uploads the rest (trainer state, RNG, schedule) and, last, the _COMPLETE marker that
+        vouches for every process's files, so the checkpoint is complete only when whole. All
+        processes learn the outcome (a failed upload anywhere fails the save everywhere alike,
+        and the periodic-save caller keeps training in step)."""
+        import torch.distributed as dist  # noqa: PLC0415
+
+        started = time.monotonic()
+        step, output = self.state.step, self.spec.output.uri
+        uri = checkpoint_uri(output, step)
+        local = self.work_dir / "checkpoints" / f"step-{step}-rank-{self.rank}"
+        shutil.rmtree(local, ignore_errors=True)
+        if self.is_main:  # a previous attempt's files at this step, before anyone uploads
+            self.storage.clear_checkpoint(output, step)
+        self.accelerator.wait_for_everyone()
+        fsdp.save_sharded(self.model, self.optimizer, local, self.spec.method)
+        uploaded: list[UploadedFile] | str = []
+        if not self.is_main:
+            try:
+                uploaded = self.storage.upload_dir(local, uri)
+            except StorageError as exc:
+                uploaded = str(exc)
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, uploaded)
+        failed = [(rank, e) for rank, e in enumerate(everyone) if isinstance(e, str)]
+        outcome: list[str | None] = [None]
+        if self.is_main and not failed:
+            try:
+                if self.reference_logps:
+                    save_reference(local, self.reference_logps)
+                save_training_state(
+                    local, state=self.state, optimizer=None, scheduler=self.scheduler,
+                    scaler=self.scaler,
+                )  # fmt: skip
+                others = [f for files in everyone[1:] for f in files]
+                self.storage.publish_checkpoint(
+                    local, output, step, owner=self.owner.uid, extra_files=others, clear=False
+                )
+                pruned = self.storage.prune_checkpoints(
+                    output, self.spec.checkpointing.keep, owner=self.owner.uid
+                )
+                log.info(
+                    "sharded checkpoint of step %d (%d processes) published to %s in %.1fs%s",
+                    step,
+                    self.world_size,
+                    uri,
+                    time.monotonic() - started,
+                    f" (pruned steps {pruned})" if pruned else "",
+                )
+            except StorageError as exc:
+                outcome = [str(exc)]
+        dist.broadcast_object_list(outcome, src=0)
+        shutil.rmtree(local, ignore_errors=True)
+        error = outcome[0] or (f"process {failed[0][0]}: {failed[0][1]}" if failed else None)
+        if error is not None:
+            raise StorageError(
+                f"sharded checkpoint of step {step} not published: {error}",
+                uri=uri,
+                reason="StorageUnavailable",
+            )
         return uri
 
     # ------------------------------------------------------------------------- evaluation
@@ -1152,7 +1378,9 @@ class FineTuneRecipe:
 
     def evaluate(self) -> EvalReport | None:
         """Validation loss/perplexity and scored answers of the base and fine-tuned model."""
-        if not self.spec.evaluation.enabled or not self.is_main:
+        # fsdp: every process runs the same evaluation (each forward pass gathers the
+        # sharded weights from all of them); rank 0 reports.
+        if not self.spec.evaluation.enabled or (not self.is_main and self.strategy != "fsdp"):
             return None
         self.reporter.report(stage="Evaluating")
         model = self.unwrapped
@@ -1162,6 +1390,8 @@ class FineTuneRecipe:
         else:
             with model.disable_adapter():  # type: ignore[operator]
                 base = self._evaluate_model(model)
+        if not self.is_main:
+            return None
         if tuned.pair_logps is not None:
             self._score_pairs(base, tuned)
         report = build_report(
@@ -1292,6 +1522,13 @@ class FineTuneRecipe:
 
     def publish(self) -> OutputStatus | None:
         """Write the adapter or model, tokenizer, config, metrics, reports; upload; manifest."""
+        # fsdp: the trainable weights gathered whole to rank 0 (a collective), as one process
+        # would have them.
+        gathered = (
+            fsdp.full_trainable_state(self.model, self.spec.method)
+            if self.strategy == "fsdp"
+            else None
+        )
         if not self.is_main:
             return None
         self.reporter.report(stage="Publishing")
@@ -1301,9 +1538,9 @@ class FineTuneRecipe:
         out.mkdir(parents=True)
         dtype = original_dtype(self.model_config)
         if spec.method == "full":
-            save_full_model(self.unwrapped, out, dtype)
+            save_full_model(self.unwrapped, out, dtype, state_dict=gathered)
         else:
-            save_adapter(self.unwrapped, out, spec.base_model.uri)
+            save_adapter(self.unwrapped, out, spec.base_model.uri, state_dict=gathered)
         self.tokenizer.save_pretrained(str(out))
         write_json(out / TRAINER_CONFIG_FILE, self.config.model_dump(mode="json", by_alias=True))
         write_json(out / METRICS_FILE, self.metrics_summary())

@@ -295,6 +295,16 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
         "output.mergeAdapter must be false for method full",
     ),
     _case(
+        "qlora-fsdp",
+        {"method": "qlora", "distributed": {"strategy": "fsdp"}},
+        "distributed.strategy fsdp does not support method qlora",
+    ),
+    _case(
+        "distributed-strategy-unknown",
+        {"distributed": {"strategy": "zero3"}},
+        "spec.distributed.strategy",
+    ),
+    _case(
         "output-overwrites-base",
         {"output": {"uri": "s3://models/qwen2.5-0.5b"}},
         "output.uri must not equal, contain or lie inside baseModel.uri",
