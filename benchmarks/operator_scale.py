@@ -700,7 +700,7 @@ def plot(path: Path, results: dict[str, Any], footer: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    colors = {"shipped": "#2a7ab0", "kopf_defaults": "#8c8c8c"}
+    colors = {"shipped": "#2a7ab0", "kopf_defaults": "#8c8c8c", "before": "#dd8452"}
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), dpi=110)
     ax = axes[0]
     for config, result in results.items():
