@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
+from stalling_proxy import StallingProxy
 
 from kubetune_trainer import exitcodes
 from kubetune_trainer.__main__ import classify
@@ -293,6 +295,69 @@ def test_endpoint_that_never_answers_times_out(
         f"{base}/model.safetensors"
     )
     assert info.value.reason == "StorageTimeout"
+
+
+class Interrupted(Exception):
+    """Raised by a signal handler in the waiting thread, as SIGTERM raises Preempted."""
+
+
+@pytest.mark.parametrize("operation", ["fetch", "upload_file"])
+def test_an_interrupted_transfer_returns_at_once_even_from_a_stalled_store(
+    *,
+    operation: str,
+    raw: Any,
+    s3env: dict[str, str],
+    base: str,
+    make_storage: Callable[..., Storage],
+    tmp_path: Path,
+) -> None:
+    # Every request under the test's prefix is held by the proxy until `release` (20 s after
+    # the signal): an interrupted wait must not sit on those transfers until the store answers.
+    for name in ("a.bin", "b.bin"):
+        put(raw, f"{base}/data/{name}", b"x" * 1024)
+    (tmp_path / "up.bin").write_bytes(b"y" * 1024)
+    _, prefix = split(base)
+    threads_before = {t.ident for t in threading.enumerate()}
+    with StallingProxy(s3env["AWS_ENDPOINT_URL"], hold=prefix) as proxy:
+        storage = make_storage(StorageConfig(endpoint=proxy.url))
+        released = threading.Event()
+
+        def interrupt_then_release() -> None:
+            assert proxy.held.wait(30)
+            # To the main thread, where a SIGTERM from the kubelet lands (a process signalling
+            # itself would get the signal in the calling thread).
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+            if not released.wait(20):
+                released.set()
+                proxy.release()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            raise Interrupted
+
+        previous = signal.signal(signal.SIGUSR1, on_signal)
+        watchdog = threading.Thread(target=interrupt_then_release, daemon=True)
+        watchdog.start()
+        try:
+            with pytest.raises(Interrupted):
+                if operation == "fetch":
+                    storage.fetch(f"{base}/data", tmp_path / "d")
+                else:
+                    storage.upload_file(tmp_path / "up.bin", f"{base}/up.bin")
+            assert not released.is_set(), "the interrupted transfer waited for the store"
+        finally:
+            released.set()
+            proxy.release()
+            watchdog.join()
+            signal.signal(signal.SIGUSR1, previous)
+
+    # Once the store answers, the abandoned transfers wind down: no thread is left behind.
+    def left() -> list[str]:
+        return sorted(t.name for t in threading.enumerate() if t.ident not in threads_before)
+
+    deadline = time.monotonic() + 30
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left()
 
 
 # -------------------------------------------------------------------------------- uploading

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import torch
 from peft import PeftModel
+from stalling_proxy import StallingProxy
 from trainer_support import S3, TrainerRun, build_tokenizer, jsonl, records, trainer_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM
 
@@ -569,25 +570,33 @@ def test_a_new_job_neither_resumes_nor_overwrites_another_jobs_output(
 def test_sigterm_before_training_stops_the_run_at_once(
     *,
     s3: S3,
+    cluster: Cluster,
     base_model_uri: str,
     datasets: dict[str, tuple[str, str]],
     start_trainer: Any,
     tmp_path: Path,
 ) -> None:
+    # The trainer reaches MinIO through a proxy that holds the base model's download, so the
+    # SIGTERM lands during setup on any machine (after a log line it raced the first step).
     train, _ = datasets["chat"]
-    run = start_trainer(
-        trainer_config(
-            base_model_uri=base_model_uri,
-            train_uri=train,
-            output_uri=s3.uri("out/sigterm-early"),
-            work_dir=tmp_path / "work",
+    model_key = base_model_uri.split("/", 3)[3]
+    with StallingProxy(cluster.s3_env["AWS_ENDPOINT_URL"], hold=model_key) as proxy:
+        run = start_trainer(
+            trainer_config(
+                base_model_uri=base_model_uri,
+                train_uri=train,
+                output_uri=s3.uri("out/sigterm-early"),
+                work_dir=tmp_path / "work",
+            ),
+            env={"AWS_ENDPOINT_URL": proxy.url},
         )
-    )
-    assert run.read_until(lambda line: "output s3://" in line), "".join(run.lines)
-    run.proc.send_signal(signal.SIGTERM)
-    result = run.wait(timeout=30)
+        assert proxy.held.wait(60), "the trainer never asked for the base model"
+        run.proc.send_signal(signal.SIGTERM)
+        result = run.wait(timeout=30)
     assert result.returncode == exitcodes.PREEMPTED, result.output[-3000:]
     assert "outside the training loop" in result.termination_message
+    assert result.log_lines("not waiting for")  # the held download was left behind
+    assert not s3.keys("out/sigterm-early/checkpoints/")
 
 
 def test_a_credential_with_a_newline_fails_naming_the_secret_and_leaks_nowhere(

@@ -86,8 +86,10 @@ def run_trainer(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..., Trai
 def start_trainer(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..., TrainerProcess]]:
     started: list[TrainerProcess] = []
 
-    def start(config: dict[str, Any], name: str = "run") -> TrainerProcess:
-        process = TrainerProcess(config, tmp_path / name, cluster.env())
+    def start(
+        config: dict[str, Any], name: str = "run", env: dict[str, str] | None = None
+    ) -> TrainerProcess:
+        process = TrainerProcess(config, tmp_path / name, {**cluster.env(), **(env or {})})
         started.append(process)
         return process
 

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -273,8 +274,27 @@ def run(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def exit_with(code: int) -> None:
+    """Exit with `code` once the run has returned. Threads it left running are transfers it
+    abandoned (SIGTERM during a download from a stalled store, storage/client.py's _Batch):
+    an ordinary exit would join them, possibly until the kubelet's SIGKILL (exit 137, not
+    143), so then the process leaves without them."""
+    left = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and t.is_alive() and not t.daemon
+    ]
+    if code == exitcodes.OK or not left:
+        sys.exit(code)
+    log.info("not waiting for %d threads still running: %s", len(left), ", ".join(sorted(left)))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> None:
-    sys.exit(run())
+    exit_with(run())
 
 
 if __name__ == "__main__":

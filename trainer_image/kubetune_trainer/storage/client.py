@@ -132,13 +132,20 @@ class _KnownObject(BaseSubscriber):
 
 class _Batch:
     """One transfer manager shared by a batch of objects (its max_concurrency bounds all their
-    requests together), whose in-flight transfers can be cancelled at once when one fails."""
+    requests together), whose in-flight transfers can be cancelled at once when one fails.
+
+    Interrupted (an exception raised in the waiting thread itself, such as SIGTERM's Preempted)
+    it cancels them and returns at once instead of waiting for them to wind down: a request
+    stalled on a slow store would otherwise keep the pod past its grace period. They wind down
+    in the background; a process exiting meanwhile does not join them (__main__.exit_with).
+    """
 
     def __init__(self, client: S3Client, config: TransferConfig) -> None:
         self._manager = create_transfer_manager(client, config)
         self._lock = threading.Lock()
         self._futures: set[TransferFuture] = set()
         self._cancelled = False
+        self._interrupted = False
 
     def run(self, submit: Callable[[TransferManager], TransferFuture]) -> None:
         with self._lock:
@@ -148,6 +155,10 @@ class _Batch:
             self._futures.add(future)
         try:
             future.result()
+        except BaseException:
+            if not future.done():  # the wait itself was interrupted
+                self.interrupt()
+            raise
         finally:
             with self._lock:
                 self._futures.discard(future)
@@ -159,6 +170,10 @@ class _Batch:
             for future in self._futures:
                 future.cancel()
 
+    def interrupt(self) -> None:
+        self._interrupted = True
+        self.cancel()
+
     def __enter__(self) -> _Batch:
         return self
 
@@ -168,7 +183,17 @@ class _Batch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._manager.__exit__(exc_type, exc, tb)
+        if not self._interrupted:
+            self._manager.__exit__(exc_type, exc, tb)  # waits for the cancelled transfers
+            return
+        # Cancelled transfers end when their requests do (at most read_timeout): let the
+        # manager wait for that and shut its threads down in the background.
+        threading.Thread(
+            target=self._manager.__exit__,
+            args=(exc_type, exc, tb),
+            name="kubetune-transfer-cleanup",
+            daemon=True,
+        ).start()
 
 
 def check_credentials(env: Mapping[str, str], config: StorageConfig) -> None:
@@ -500,7 +525,7 @@ class ObjectStore:
         _check_distinct(targets, uri)
         before = (self.stats.downloaded_objects, self.stats.downloaded_bytes, self.stats.cache_hits)
         with _Batch(self.client, self.transfer_config) as batch:
-            self._parallel(lambda t: self._fetch_one(batch, *t), targets, batch.cancel)
+            self._parallel(lambda t: self._fetch_one(batch, *t), targets, batch)
         log.info(
             "fetched %s: %d objects (%d downloaded, %.1f MiB; %d from cache) in %.1fs",
             uri,
@@ -513,24 +538,32 @@ class ObjectStore:
         return targets[0][1] if single else root
 
     def _parallel(
-        self, fn: Callable[[_T], _R], items: Sequence[_T], cancel: Callable[[], None]
+        self, fn: Callable[[_T], _R], items: Sequence[_T], batch: _Batch
     ) -> builtins.list[_R]:
         """fn over items on max_workers threads, results in order. The first error wins: items
-        not yet started are dropped and `cancel` stops the transfers in flight, so a failure
-        surfaces now rather than after the other (possibly huge) objects finish."""
+        not yet started are dropped and the batch's transfers in flight are cancelled, so a
+        failure surfaces now rather than after the other (possibly huge) objects finish."""
         if not items:
             return []
-        with ThreadPoolExecutor(max_workers=min(self.max_workers, len(items))) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(self.max_workers, len(items)))
+        try:
             futures: builtins.list[Future[_R]] = [pool.submit(fn, item) for item in items]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            errors = [f.exception() for f in futures if f in done]
-            first = next((e for e in errors if e is not None), None)
-            if first is not None:
-                for f in pending:
-                    f.cancel()
-                cancel()
-                raise first
-            return [f.result() for f in futures]
+        except BaseException:
+            # Interrupted while waiting (SIGTERM's Preempted): leave now, see _Batch.
+            batch.interrupt()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        errors = [f.exception() for f in futures if f in done]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            for f in pending:
+                f.cancel()
+            batch.cancel()
+            pool.shutdown(wait=True)
+            raise first
+        pool.shutdown(wait=True)
+        return [f.result() for f in futures]
 
     def _fetch_one(self, batch: _Batch, obj: ObjectInfo, target: Path) -> None:
         with self._mapped(obj.uri, "read"):
@@ -631,7 +664,7 @@ class ObjectStore:
             return self._parallel(
                 lambda rel: self._upload_one(batch, root / rel, base.join(rel), rel),
                 files,
-                batch.cancel,
+                batch,
             )
 
     def _upload_one(self, batch: _Batch, path: Path, dst: S3Uri, rel: str) -> UploadedFile:
