@@ -441,6 +441,7 @@ def test_bloom_trains_with_eager_attention_one_example_per_row(
 def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(
     *,
     s3: S3,
+    cluster: Cluster,
     base_model_uri: str,
     datasets: dict[str, tuple[str, str]],
     run_trainer: Any,
@@ -458,18 +459,22 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(
             work_dir=tmp_path / name,
             checkpointing={"intervalSteps": 20, "keep": 2},
             evaluation={"metrics": ["loss"], "sampleSize": 0},
-            # 48 steps of ~30 ms: SIGTERM after step 2 lands well before the end.
-            hyperparameters={**LEARNING["hyperparameters"], "epochs": 6},
+            hyperparameters={**LEARNING["hyperparameters"], "epochs": 6},  # 48 steps
             dataset=LEARNING["dataset"],
         )
 
     # B: interrupted by SIGTERM mid-run, as in a preemption. A: the same run, uninterrupted,
-    # trained meanwhile (each process is single-threaded; the machine has two cores).
-    b = start_trainer(config("out/resumed", "b"), name="b")
-    a = start_trainer(config("out/uninterrupted", "a"), name="a")
-    assert b.read_until(lambda line: " step 2/" in line), "".join(b.lines)[-3000:]
-    b.proc.send_signal(signal.SIGTERM)
-    interrupted = b.wait(timeout=120)
+    # trained meanwhile (each process is single-threaded; the machine has two cores). B's
+    # store is behind a proxy holding its step-20 checkpoint upload: the SIGTERM lands there,
+    # inside the training loop, however fast or loaded the machine.
+    step_20 = s3.uri("out/resumed/checkpoints/step-000000020/").split("/", 3)[3]
+    with StallingProxy(cluster.s3_env["AWS_ENDPOINT_URL"], hold=step_20) as proxy:
+        b = start_trainer(config("out/resumed", "b"), name="b", env={"AWS_ENDPOINT_URL": proxy.url})
+        a = start_trainer(config("out/uninterrupted", "a"), name="a")
+        assert proxy.held.wait(120), "B never uploaded its step-20 checkpoint"
+        b.proc.send_signal(signal.SIGTERM)
+        proxy.release()
+        interrupted = b.wait(timeout=120)
     uninterrupted = a.wait(timeout=240)
 
     assert interrupted.returncode == exitcodes.PREEMPTED, interrupted.output[-3000:]
@@ -479,7 +484,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(
     checkpoints = s3.keys("out/resumed/checkpoints")
     # The newest checkpoint is the one taken on SIGTERM, at the next step boundary.
     stopped = max(int(k.split("/")[0].removeprefix("step-")) for k in checkpoints)
-    assert 2 <= stopped < total, checkpoints
+    assert stopped == 21 < total, checkpoints  # the step-20 checkpoint completed first
     assert f"checkpoint of step {stopped} at s3://" in interrupted.termination_message
     state = json.loads(s3.get(f"out/resumed/checkpoints/step-{stopped:09d}/trainer_state.json"))
     assert state["step"] == stopped and len(state["loss_history"]) == stopped

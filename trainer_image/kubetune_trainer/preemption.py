@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ class SigtermFlag:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._previous: Any = None
+        self._previous_wakeup_fd = -1
+        self._wakeup: tuple[socket.socket, socket.socket] | None = None
         self._installed = False
         self._deferring = False
 
@@ -40,12 +43,46 @@ class SigtermFlag:
             log.warning("not in the main thread: SIGTERM will not checkpoint")
             return
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._redeliver_to_the_main_thread()
         self._installed = True
 
     def uninstall(self) -> None:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
+            if self._wakeup is not None:
+                signal.set_wakeup_fd(self._previous_wakeup_fd)
+                for sock in self._wakeup:
+                    sock.close()  # ends the redelivering thread
+                self._wakeup = None
             self._installed = False
+
+    def _redeliver_to_the_main_thread(self) -> None:
+        """Python runs signal handlers in the main thread only, and only wakes it from a
+        blocking wait when the kernel delivered the signal to it. The kernel picks another
+        thread when the main one has signals blocked at that instant (glibc blocks them while
+        creating a thread, as a download pool does on every fetch): the handler would then
+        wait for the main thread's wait to end, forever with a stalled download. The C-level
+        handler reports every signal on the wakeup fd, whichever thread got it; this thread
+        sends SIGTERM to the main thread itself until the handler has run."""
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._wakeup = (reader, writer)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        main = threading.main_thread().ident
+        assert main is not None
+
+        def redeliver() -> None:
+            while True:
+                try:
+                    received = reader.recv(64)
+                except OSError:
+                    return
+                if not received:
+                    return
+                if signal.SIGTERM in received and not self._event.is_set():
+                    signal.pthread_kill(main, signal.SIGTERM)
+
+        threading.Thread(target=redeliver, name="kubetune-sigterm", daemon=True).start()
 
     @contextmanager
     def deferred(self, step: Callable[[], int | None]) -> Iterator[None]:
@@ -60,6 +97,8 @@ class SigtermFlag:
             raise Preempted(step())
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._event.is_set():  # a redelivered or repeated SIGTERM: already acted on
+            return
         self._event.set()
         if not self._deferring:
             raise Preempted(None)

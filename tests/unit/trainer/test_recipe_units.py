@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -363,6 +364,43 @@ def test_sigterm_outside_the_training_loop_stops_at_once() -> None:
             time.sleep(5)  # e.g. a download; the handler interrupts it
         assert stopped.value.step is None and "outside the training loop" in str(stopped.value)
         assert classify(stopped.value)[0] == exitcodes.PREEMPTED
+    finally:
+        flag.uninstall()
+
+
+def test_sigterm_the_kernel_hands_to_another_thread_still_interrupts_the_main_thread() -> None:
+    # The main thread waits (a download); SIGTERM lands on another thread, as when the main
+    # thread had signals blocked at that instant. Without redelivery the handler would run
+    # only when the wait ends (after 20 s here).
+    flag = SigtermFlag()
+    flag.install()
+    done = threading.Event()
+
+    def other_thread() -> None:
+        time.sleep(0.5)  # the main thread is in its wait by then
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        done.wait(20)
+        done.set()
+
+    try:
+        with pytest.raises(Preempted):
+            threading.Thread(target=other_thread, daemon=True).start()
+            done.wait()
+        assert not done.is_set(), "the SIGTERM waited for the main thread's wait to end"
+    finally:
+        done.set()
+        flag.uninstall()
+
+
+def test_a_second_sigterm_does_not_interrupt_the_stopping_run() -> None:
+    flag = SigtermFlag()
+    flag.install()
+    try:
+        with pytest.raises(Preempted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. during cleanup: ignored
+        time.sleep(0.1)
     finally:
         flag.uninstall()
 
