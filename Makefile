@@ -108,10 +108,10 @@ demo: cluster-up
 BENCH_OUT ?= docs/benchmarks
 bench: cluster-up
 	@set -e; mkdir -p $(BENCH_OUT); start=$$SECONDS; \
-	for step in "startup.py" "s3_pull.py --reps 2" "operator_scale.py" "trainer_throughput.py" \
+	for step in "startup.py" "s3_pull.py --reps 2" "operator_scale.py" "crd_admission.py" "trainer_throughput.py" \
 		"dpo_throughput.py" "data_scale.py"; do \
 		script=$${step%% *}; t0=$$SECONDS; \
 		$(PY) benchmarks/$$step --out $(BENCH_OUT)/$${script%.py}.json; \
 		echo "make bench: $$script took $$((SECONDS - t0)) s"; \
 	done; \
-	echo "make bench: all six took $$((SECONDS - start)) s; results in $(BENCH_OUT)/"
+	echo "make bench: all seven took $$((SECONDS - start)) s; results in $(BENCH_OUT)/"

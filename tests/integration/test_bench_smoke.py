@@ -1,4 +1,5 @@
-"""Smoke runs of the control-plane benchmarks (benchmarks/operator_scale.py, startup.py).
+"""Smoke runs of the control-plane benchmarks (benchmarks/operator_scale.py, crd_admission.py,
+startup.py).
 
 Far too small to measure anything: they check that the scripts run against the local cluster and
 write complete results (keys present, numbers positive). No timing is asserted.
@@ -65,6 +66,23 @@ def test_operator_scale_smoke(cluster: Cluster, tmp_path: Path) -> None:
     assert result["idle"]["cpu_s"] >= 0
     assert set(data["targets_met"]["shipped"]) == set(data["targets"])
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_crd_admission_smoke(cluster: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "crd_admission.json"
+    run("crd_admission.py", "--jobs", "10", "--rounds", "2", "--before", "HEAD", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["jobs"] == 10 and data["rounds"] == 2
+    assert set(data["runs"]) == {"current", "no_cel", "before"}
+    for name, runs in data["runs"].items():
+        assert len(runs) == 2
+        for result in runs:
+            for key in ("all_creates_s", "p50_ms", "p99_ms", "object_bytes"):
+                positive(result[key], f"{name} {key}")
+    assert data["ratios_vs_current"]["current"] == 1.0
+    # This tree's CRD is back, CEL rules and all: no variant is left installed.
+    crd = cluster.kubectl("get", "crd", "finetunejobs.kubetune.dev", "-o", "json").stdout
+    assert "x-kubernetes-validations" in crd
 
 
 def test_naive_operator_and_startup_scripts_start() -> None:
