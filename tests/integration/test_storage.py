@@ -8,7 +8,6 @@ registered on the Storage's real client.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -26,7 +25,7 @@ from typing import Any
 import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
-from stalling_proxy import StallingProxy
+from forwarding_proxy import ForwardingProxy
 
 from kubetune_trainer import exitcodes
 from kubetune_trainer.__main__ import classify
@@ -318,7 +317,7 @@ def test_an_interrupted_transfer_returns_at_once_even_from_a_stalled_store(
     (tmp_path / "up.bin").write_bytes(b"y" * 1024)
     _, prefix = split(base)
     threads_before = {t.ident for t in threading.enumerate()}
-    with StallingProxy(s3env["AWS_ENDPOINT_URL"], hold=prefix) as proxy:
+    with ForwardingProxy(s3env["AWS_ENDPOINT_URL"], hold=prefix) as proxy:
         storage = make_storage(StorageConfig(endpoint=proxy.url))
         released = threading.Event()
 
@@ -503,49 +502,6 @@ def test_checkpoints_publish_resume_and_prune(
 # ------------------------------------------------------------------------- retries and outages
 
 
-class _LateProxy:
-    """A TCP forwarder to the real S3 server that starts listening only after `delay`
-    seconds: the store is unreachable (connection refused) until then."""
-
-    def __init__(self, target: str, delay: float) -> None:
-        self.port = free_port()
-        host, port = target.removeprefix("http://").split(":")
-        self.target = (host, int(port))
-        self.stop = threading.Event()
-        self.thread = threading.Timer(delay, self._serve)
-        self.thread.daemon = True
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def _serve(self) -> None:
-        with socket.socket() as server:
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            server.bind(("127.0.0.1", self.port))
-            server.listen(16)
-            server.settimeout(0.2)
-            while not self.stop.is_set():
-                try:
-                    client, _ = server.accept()
-                except TimeoutError:
-                    continue
-                upstream = socket.create_connection(self.target)
-                for a, b in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.cancel()
-
-
 def test_an_unreachable_store_is_retried_for_the_retry_timeout_then_reported(
     base: str, make_storage: Callable[..., Storage], tmp_path: Path, caplog: Any
 ) -> None:
@@ -574,8 +530,8 @@ def test_a_store_that_comes_back_within_the_retry_timeout_is_used(
     tmp_path: Path,
 ) -> None:
     put(raw, f"{base}/data/train.jsonl", b'{"text": "hello"}\n')
-    with _LateProxy(s3env["AWS_ENDPOINT_URL"], delay=2.5) as endpoint:
-        storage = make_storage(StorageConfig(endpoint=endpoint), max_attempts=1, retry_seconds=30)
+    with ForwardingProxy(s3env["AWS_ENDPOINT_URL"], listen_after=2.5) as proxy:
+        storage = make_storage(StorageConfig(endpoint=proxy.url), max_attempts=1, retry_seconds=30)
         local = storage.fetch(f"{base}/data", tmp_path / "d")
     assert (local / "train.jsonl").read_bytes() == b'{"text": "hello"}\n'
 

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from forwarding_proxy import ForwardingProxy
 from peft import PeftModel
-from stalling_proxy import StallingProxy
 from trainer_support import S3, TrainerRun, build_tokenizer, jsonl, records, trainer_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM
 
@@ -468,7 +468,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches_an_uninterrupted_one(
     # store is behind a proxy holding its step-20 checkpoint upload: the SIGTERM lands there,
     # inside the training loop, however fast or loaded the machine.
     step_20 = s3.uri("out/resumed/checkpoints/step-000000020/").split("/", 3)[3]
-    with StallingProxy(cluster.s3_env["AWS_ENDPOINT_URL"], hold=step_20) as proxy:
+    with ForwardingProxy(cluster.s3_env["AWS_ENDPOINT_URL"], hold=step_20) as proxy:
         b = start_trainer(config("out/resumed", "b"), name="b", env={"AWS_ENDPOINT_URL": proxy.url})
         a = start_trainer(config("out/uninterrupted", "a"), name="a")
         assert proxy.held.wait(120), "B never uploaded its step-20 checkpoint"
@@ -585,7 +585,7 @@ def test_sigterm_before_training_stops_the_run_at_once(
     # SIGTERM lands during setup on any machine (after a log line it raced the first step).
     train, _ = datasets["chat"]
     model_key = base_model_uri.split("/", 3)[3]
-    with StallingProxy(cluster.s3_env["AWS_ENDPOINT_URL"], hold=model_key) as proxy:
+    with ForwardingProxy(cluster.s3_env["AWS_ENDPOINT_URL"], hold=model_key) as proxy:
         run = start_trainer(
             trainer_config(
                 base_model_uri=base_model_uri,

@@ -1,9 +1,12 @@
-"""A TCP pass-through to the real S3 server (MinIO) that holds the requests whose HTTP request
-line matches a pattern: a test tool, not a fake (every byte still goes to MinIO and back).
+"""A TCP pass-through to the real S3 server (MinIO) for faults a store shows: a test tool, not a
+fake (every byte still goes to MinIO and back).
 
-A held request puts the client in a known state for as long as a test needs it ("the trainer is
-downloading the base model"), so a signal sent then lands there on any machine, however slow or
-loaded, instead of wherever a race left the process.
+- `hold`: requests whose HTTP request line contains it are held until `release()`. A held
+  request puts the client in a known state for as long as a test needs it ("the trainer is
+  downloading the base model"), so a signal sent then lands there on any machine, however slow
+  or loaded, instead of wherever a race left the process.
+- `listen_after`: nothing listens on the port for that many seconds (connection refused), as a
+  store that is down and comes back.
 """
 
 from __future__ import annotations
@@ -14,28 +17,43 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
+from localenv.testing import free_port
 
-class StallingProxy:
-    def __init__(self, upstream_url: str, hold: str) -> None:
+
+class ForwardingProxy:
+    def __init__(self, upstream_url: str, hold: str = "", listen_after: float = 0) -> None:
         parts = urlsplit(upstream_url)
         if parts.scheme != "http" or parts.hostname is None:
             raise ValueError(f"plain http upstream expected, got {upstream_url}")
         self._upstream = (parts.hostname, parts.port or 80)
         # A request line, at the start of what the client sends: `GET /bucket/key?... HTTP/1.1`.
-        self._hold = re.compile(rb"^[A-Z]+ \S*" + re.escape(hold).encode())
+        self._hold = re.compile(rb"^[A-Z]+ \S*" + re.escape(hold).encode()) if hold else None
         self.held = threading.Event()  # a matching request arrived and is being held
         self._released = threading.Event()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        port = free_port() if listen_after else 0
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._timer = threading.Timer(listen_after, self._listen)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _listen(self) -> None:
+        with self._lock:
+            if self._closed.is_set():
+                return
+            self._listener.listen(16)
+        self._accept()
 
     def release(self) -> None:
         self._released.set()
 
     def close(self) -> None:
+        self._timer.cancel()
         with self._lock:
             self._closed.set()
             self._released.set()
@@ -45,7 +63,7 @@ class StallingProxy:
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
 
-    def __enter__(self) -> StallingProxy:
+    def __enter__(self) -> ForwardingProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -74,7 +92,8 @@ class StallingProxy:
             while chunk := source.recv(65536):
                 # HTTP/1.1 requests on one connection follow one another, so a request line
                 # starts a chunk from the client.
-                if from_client and self._hold.match(chunk) and not self._released.is_set():
+                held = from_client and self._hold is not None and self._hold.match(chunk)
+                if held and not self._released.is_set():
                     self.held.set()
                     self._released.wait()
                     if self._closed.is_set():
