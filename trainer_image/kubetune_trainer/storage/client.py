@@ -582,16 +582,14 @@ class ObjectStore:
         return True
 
     def _fetch_one(self, batch: _Batch, obj: ObjectInfo, target: Path) -> None:
+        """Download an object `fetch` did not find in the cache (_link_cached)."""
         with self._mapped(obj.uri, "read"):
             if self.cache_dir is None or not obj.etag:
                 self._download(batch, obj, target, cached=False)
                 return
             entry = self._cache_entry(obj)
-            if not _cache_valid(entry, obj):
-                self._download(batch, obj, entry, cached=True)
-                _drop_other_versions(entry)
-            else:
-                self.stats.add(cache_hits=1)
+            self._download(batch, obj, entry, cached=True)
+            _drop_other_versions(entry)
             _link_into_place(entry, target, obj.uri)
 
     def _cache_entry(self, obj: ObjectInfo) -> Path:
