@@ -3,9 +3,10 @@
 Sources, merged by time:
 - "Created fine-tuning job" at the FineTuneJob's creation;
 - the FineTuneJob's Kubernetes Events (the operator posts one per change of phase or reason:
-  JobCreated, Running, Suspended, Succeeded, ...; Warnings become level "warn", failures
-  "error"). Kubernetes keeps Events for an hour by default (kube-apiserver --event-ttl), so
-  older status events of long jobs are gone; the training log stays;
+  Pending (which names the Job it created), Running, Suspended, Succeeded, ...; Warnings
+  become level "warn", failures "error"). Kubernetes keeps Events for an hour by default
+  (kube-apiserver --event-ttl), so older status events of long jobs are gone; the training
+  log stays;
 - the training log (training_log.py): a `metrics` event per progress report (step, total
   steps, epoch, train loss, learning rate, tokens/s) and one for the evaluation (eval loss and
   the base model's), when the server can read the job's output;

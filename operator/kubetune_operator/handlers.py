@@ -29,6 +29,7 @@ from kubetune_operator import metrics, observed, reconcile, serving_reconcile, s
 from kubetune_operator.kube import Kube
 from kubetune_operator.kube import login as kube_login
 from kubetune_operator.manifests import ftj_name_of
+from kubetune_operator.persistence import MemoryDiffBase
 from kubetune_operator.settings import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
@@ -81,6 +82,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, *
     if not isinstance(ours, OperatorSettings):
         ours = load_settings()
     configure_kopf(settings, ours, identity())
+    memo["diffbase"] = settings.persistence.diffbase_storage
     kube = await Kube.connect(settings, logger)
     await reconcile.check_crd(kube)
     if ours.peering_name:
@@ -171,16 +173,24 @@ def _seen(kwargs: Mapping[str, Any]) -> reconcile.Observed:
 # -------------------------------------------------------------------------- FineTuneJobs
 
 
+# Creation: a FineTuneJob never handled, or one whose handler awaits a retry. Resuming: one an
+# operator handled before this process started. Both are level-based: whatever of the children
+# is missing is created, and an existing Job follows the spec (persistence.py says why).
 @kopf.on.create(*FTJ)
 async def created(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     async with metrics.timed("create"):
-        await reconcile.ensure_children(_operator(memo), _ftj(body), _seen(kwargs))
+        await _reconcile(_operator(memo), _ftj(body), _seen(kwargs))
 
 
 @kopf.on.resume(*FTJ)
 async def resumed(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     async with metrics.timed("resume"):
-        await reconcile.ensure_children(_operator(memo), _ftj(body), _seen(kwargs))
+        await _reconcile(_operator(memo), _ftj(body), _seen(kwargs))
+
+
+async def _reconcile(op: reconcile.Operator, ftj: dict[str, Any], seen: reconcile.Observed) -> None:
+    await reconcile.ensure_children(op, ftj, seen)
+    await reconcile.follow_spec(op, ftj, seen)
 
 
 @kopf.on.update(*FTJ, field="spec")
@@ -238,6 +248,9 @@ async def ftj_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **kwargs
     op = memo.get("operator")
     if type == "DELETED" and isinstance(op, reconcile.Operator):
         op.forget(body.metadata.namespace or "", body.metadata.name or "")
+        diffbase = memo.get("diffbase")
+        if isinstance(diffbase, MemoryDiffBase):
+            diffbase.forget(body.metadata.uid or "")
     if isinstance(op, reconcile.Operator) and (
         serving_reconcile.relevant(body) or (type == "DELETED" and body.status.get("serving"))
     ):

@@ -601,6 +601,29 @@ def job_settings_patch(t: Target) -> Body:
     return patch
 
 
+def settings_differ(t: Target, job_body: Mapping[str, Any]) -> bool:
+    """Whether the Job's mutable settings (job_settings_patch) differ from the spec's."""
+    wanted = job_settings_patch(t)
+    spec = job_body.get("spec") or {}
+    labels = (job_body.get("metadata") or {}).get("labels") or {}
+    return any(spec.get(key) != value for key, value in wanted["spec"].items()) or any(
+        labels.get(key) != value
+        for key, value in ((wanted.get("metadata") or {}).get("labels") or {}).items()
+    )
+
+
+def suspension_differs(
+    spec: FineTuneSpec, job_body: Mapping[str, Any], workload: Mapping[str, Any] | None
+) -> bool:
+    """Whether the Job (or its Kueue Workload) does not follow spec.suspend and spec.cancel."""
+    if suspend_patch(spec, job_body) is not None:
+        return True
+    active = workload_active(spec, job_body)
+    if active is None or workload is None:
+        return False
+    return bool((workload.get("spec") or {}).get("active", True)) != active
+
+
 def queued_by_kueue(job_body: Mapping[str, Any]) -> bool:
     """Whether Kueue manages this Job: it carries the queue label."""
     return KUEUE_QUEUE_LABEL in ((job_body.get("metadata") or {}).get("labels") or {})

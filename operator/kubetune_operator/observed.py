@@ -69,14 +69,18 @@ def slim_ftj(body: Body) -> dict[str, Any]:
     }
 
 
+_JOB_SPEC: Final = ("suspend", "backoffLimit", "activeDeadlineSeconds")
+
+
 def slim_job(body: Body) -> dict[str, Any]:
-    """A Job without its pod template: status.py reads spec.suspend and the status only."""
+    """A Job without its pod template: status.py reads spec.suspend and the status; the
+    operator's restart compares the mutable settings (manifests.settings_differ)."""
     spec = body.get("spec") or {}
     return {
         "apiVersion": body.get("apiVersion", "batch/v1"),
         "kind": body.get("kind", "Job"),
         "metadata": _meta(body, _CHILD_META),
-        "spec": {key: spec[key] for key in ("suspend",) if key in spec},
+        "spec": {key: spec[key] for key in _JOB_SPEC if key in spec},
         "status": body.get("status") or {},
     }
 

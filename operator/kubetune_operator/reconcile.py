@@ -5,11 +5,11 @@ twice (a retry, an operator restart, a second replica before peering paused it) 
 the same objects: child names are deterministic and creates tolerate "already exists".
 
 Requests per FineTuneJob, the whole of what the operator sends while it is created: one create
-(its Job; a GET only after a 409), one status patch, the two Events (JobCreated and the first
-phase) and Kopf's own annotation patch (its diff base); plus, once per namespace, the trainers'
-ServiceAccount, Role and RoleBinding. Everything else is read from Kopf's in-memory indices of
-the FineTuneJobs, Jobs and pods it watches (`Observed`), not from the API server; the one
-exception is a failed Job's pods (sync_status).
+(its Job; a GET only after a 409), one status patch and one Event (the first phase, which also
+names the Job created); Kopf keeps its diff base in memory (persistence.py); plus, once per
+namespace, the trainers' ServiceAccount, Role and RoleBinding. Everything else is read from
+Kopf's in-memory indices of the FineTuneJobs, Jobs and pods it watches (`Observed`), not from
+the API server; the one exception is a failed Job's pods (sync_status).
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ async def _ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
         raise kopf.TemporaryError(blocker.message, delay=CLAIM_RETRY_SECONDS)
     *before_job, job_manifest = manifests.children(t, op.settings)
     job: Body | _Unknown | None = UNKNOWN
+    created_job: str | None = None
     try:
         await _ensure_identity(op, namespace)
         for child in before_job:  # a multi-node job's headless Service
@@ -207,11 +208,7 @@ async def _ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
             obj, created = await _create(op, job_manifest, uid)
             job = observed.slim_job(obj)
             if created:
-                kopf.info(
-                    _ftj_body(ftj),
-                    reason="JobCreated",
-                    message=f"Created training Job {job_manifest['metadata']['name']}.",
-                )
+                created_job = job_manifest["metadata"]["name"]
     except _Refused as refused:
         # Said in the status and a Warning Event at once, not only in the operator's log.
         blocker = refused.blocker(namespace)
@@ -219,7 +216,7 @@ async def _ensure_children(op: Operator, ftj: Body, seen: Observed) -> None:
         if blocker.phase == "Failed":
             raise kopf.PermanentError(blocker.message) from refused
         raise kopf.TemporaryError(blocker.message, delay=FORBIDDEN_RETRY_SECONDS) from refused
-    await sync_status(op, namespace, name, ftj=ftj, job=job, seen=seen)
+    await sync_status(op, namespace, name, ftj=ftj, job=job, seen=seen, created_job=created_job)
 
 
 class _Refused(Exception):
@@ -277,6 +274,27 @@ def _check_owner(child: Body, obj: Body, uid: str) -> None:
         )
 
 
+async def follow_spec(op: Operator, ftj: Body, seen: Observed) -> None:
+    """Carry into an existing Job what changed in its FineTuneJob's spec while no operator
+    watched (before a restart, a failover or an upgrade): its mutable settings and suspension,
+    compared with the Job as observed, level-based. Kopf's update handlers see the changes
+    made while this process runs; the last handled spec is not persisted (persistence.py)."""
+    meta = ftj["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    current = (op.written.latest(ftj, time.monotonic()).get("status")) or {}
+    if current.get("phase") in status.TERMINAL or validation.spec_error(ftj) is not None:
+        return
+    t = manifests.target(ftj, op.settings)
+    job = seen.job(namespace, name, t.uid)
+    if job is None:
+        return  # just created, with the spec as it is
+    workload = seen.workload(namespace, name, job["metadata"]["uid"])
+    if manifests.suspension_differs(t.spec, job, workload):
+        await apply_suspend(op, ftj, seen)
+    if manifests.settings_differ(t, job):
+        await apply_spec_change(op, ftj, seen)
+
+
 async def apply_spec_change(op: Operator, ftj: Body, seen: Observed) -> None:
     """Carry a spec change into the Job: the settings that stay mutable (maxRetries, timeout,
     queueName). The trainer config in the Job is the spec at creation (manifests.render_config)."""
@@ -289,9 +307,10 @@ async def apply_spec_change(op: Operator, ftj: Body, seen: Observed) -> None:
     t = manifests.target(ftj, op.settings)
     job = seen.job(namespace, name, t.uid)
     refused: ApiError | Forbidden | None = None
+    patched: Body | None = None
     try:
         if job is not None:
-            await op.kube.merge_patch(
+            patched = await op.kube.merge_patch(
                 path("batch/v1", "jobs", namespace, t.names.job), manifests.job_settings_patch(t)
             )
     except (ApiError, Forbidden) as err:
@@ -300,7 +319,9 @@ async def apply_spec_change(op: Operator, ftj: Body, seen: Observed) -> None:
         refused = err
         kopf.warn(_ftj_body(ftj), reason="UpdateNotApplied", message=err.detail)
     applied = status.spec_applied(ftj, None if refused is None else refused.detail)
-    await sync_status(op, namespace, name, ftj=ftj, seen=seen, condition=applied)
+    # The patched Job is newer than the index's (which may not show an earlier patch yet).
+    newest: Body | _Unknown = UNKNOWN if patched is None else observed.slim_job(patched)
+    await sync_status(op, namespace, name, ftj=ftj, job=newest, seen=seen, condition=applied)
     if isinstance(refused, Forbidden):  # may clear (a policy fixed): try again later
         raise kopf.TemporaryError(refused.detail, delay=FORBIDDEN_RETRY_SECONDS) from refused
 
@@ -392,6 +413,7 @@ async def sync_status(
     job: Body | _Unknown | None = UNKNOWN,
     blocker: status.Blocker | None = None,
     condition: status.Body | None = None,
+    created_job: str | None = None,
 ) -> status.Verdict | None:
     """Observe the FineTuneJob, its Job and pods; patch the owned status fields that changed.
 
@@ -400,6 +422,7 @@ async def sync_status(
     replica's own last status write is laid over the FineTuneJob until the watch delivers it
     (observed.WrittenStatus), so concurrent triggers converge without re-reading. Posts an Event
     when the phase or reason changes. `condition`: one more condition to set (SpecApplied).
+    `created_job`: the Job the caller just created, said in that Event (_announce).
     """
     async with op.lock(namespace, name):
         if ftj is None:
@@ -450,7 +473,7 @@ async def sync_status(
             )
             if response is not None:
                 op.written.remember(response, time.monotonic())
-        _announce(ftj, verdict)
+        _announce(ftj, verdict, created_job)
         return verdict
 
 
@@ -479,14 +502,22 @@ async def check_pod_creation(op: Operator, namespace: str, name: str, seen: Obse
     await sync_status(op, namespace, name, seen=seen)
 
 
-def _announce(ftj: Body, verdict: status.Verdict) -> None:
-    """An Event (and a metric) for every change of phase or reason."""
+def _announce(ftj: Body, verdict: status.Verdict, created_job: str | None = None) -> None:
+    """An Event (and a metric) for every change of phase or reason.
+
+    The Job's creation is said in the Event of the phase it brings (one Event instead of two
+    per FineTuneJob: under a burst every Event is a write the API server pays for); in an Event
+    of its own (JobCreated) only when the phase and reason stay as they were.
+    """
     old = ftj.get("status") or {}
+    created = f"Created training Job {created_job}." if created_job else ""
     if (old.get("phase"), old.get("reason")) == (verdict.phase, verdict.reason):
+        if created:
+            kopf.info(_ftj_body(ftj), reason="JobCreated", message=created)
         return
     if old.get("phase") != verdict.phase:
         metrics.TRANSITIONS.labels(verdict.phase).inc()
-    message = f"{verdict.phase}: {verdict.message}"
+    message = f"{verdict.phase}: {verdict.message}" + (f" {created}" if created else "")
     if verdict.is_problem:
         kopf.warn(_ftj_body(ftj), reason=verdict.reason, message=message)
     else:

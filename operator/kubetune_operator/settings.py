@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 import kopf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kubetune_operator.persistence import MemoryDiffBase, ProgressAnnotations
 from kubetune_trainer.api import DNS_LABEL_PATTERN, DNS_SUBDOMAIN_PATTERN, GROUP, Endpoint
 
 ENV_PREFIX = "KUBETUNE_"
@@ -316,12 +317,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> OperatorSettings:
 
 def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings, identity: str) -> None:
     """Kopf's settings for this operator; called once from the startup handler."""
-    # Handler progress and the diff base live in annotations under our own API group, not in
-    # status.kopf: status belongs to the FineTuneJob API (its schema would prune them anyway).
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    # Handler progress lives in annotations under our own API group, not in status.kopf: status
+    # belongs to the FineTuneJob API (its schema would prune it anyway). The diff base lives in
+    # memory: one PATCH per handled FineTuneJob less (persistence.py says why that is safe).
+    settings.persistence.progress_storage = ProgressAnnotations(prefix=GROUP)
+    settings.persistence.diffbase_storage = MemoryDiffBase(progress_prefix=GROUP)
     # Only explicit kopf.info/warn/exception calls become Kubernetes Events (phase transitions,
     # problems); handler chatter stays in the logs.
     settings.posting.level = logging.INFO

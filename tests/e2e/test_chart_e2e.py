@@ -131,9 +131,15 @@ def verify_outputs(cluster: Cluster, output_uri: str) -> dict[str, str]:
 
 
 def events(cluster: Cluster, name: str) -> list[str]:
+    """The reasons of the FineTuneJob's Events, and JobCreated for the one that names its Job
+    (the first phase's Event says it)."""
     out = cluster.kubectl("get", "events", "-n", NAMESPACE, "--field-selector",
                           f"involvedObject.name={name}", "-o", "json").stdout  # fmt: skip
-    return [e["reason"] for e in json.loads(out)["items"]]
+    posted = json.loads(out)["items"]
+    created = [
+        "JobCreated" for e in posted if f"Created training Job {name}-train." in e["message"]
+    ]
+    return [e["reason"] for e in posted] + created
 
 
 def test_operator_runs_from_the_chart_with_its_service_account(installed: Cluster) -> None:

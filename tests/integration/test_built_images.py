@@ -185,7 +185,8 @@ def test_operator_image_reconciles_a_finetunejob_with_the_charts_identity(
         ]
         assert records_about_job, "the operator's JSON log says nothing about the job"
         events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
-        posted = [e for e in json.loads(events)["items"] if e["reason"] == "JobCreated"]
+        said = "Created training Job"  # in the first phase's Event
+        posted = [e for e in json.loads(events)["items"] if said in e.get("message", "")]
         sources = [e.get("reportingComponent") or e["source"].get("component") for e in posted]
         assert sources == ["kubetune-operator"]
         # Host networking: the liveness endpoint answers on the host's port.

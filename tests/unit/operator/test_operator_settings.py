@@ -8,6 +8,7 @@ import kopf
 import pytest
 
 from kubetune_operator import __main__ as entry
+from kubetune_operator.persistence import MemoryDiffBase, ProgressAnnotations
 from kubetune_operator.settings import (
     OperatorSettings,
     SettingsError,
@@ -93,14 +94,13 @@ def test_seniority_priority_prefers_the_older_replica() -> None:
     assert older > newer
 
 
-def test_kopf_keeps_its_state_in_annotations_under_our_group() -> None:
+def test_kopf_keeps_progress_under_our_group_and_the_diff_base_in_memory() -> None:
     kopf_settings = kopf.OperatorSettings()
     configure_kopf(kopf_settings, OperatorSettings(peering_lifetime=20), "replica-0")
     progress = kopf_settings.persistence.progress_storage
     diffbase = kopf_settings.persistence.diffbase_storage
-    assert isinstance(progress, kopf.AnnotationsProgressStorage)
-    assert isinstance(diffbase, kopf.AnnotationsDiffBaseStorage)
-    assert progress.prefix == diffbase.prefix == "kubetune.dev"
+    assert isinstance(progress, ProgressAnnotations) and progress.prefix == "kubetune.dev"
+    assert isinstance(diffbase, MemoryDiffBase)
     assert kopf_settings.peering.lifetime == 20
     assert kopf_settings.scanning.disabled
     assert kopf_settings.posting.reporting_component == "kubetune-operator"

@@ -84,16 +84,42 @@ class FakeKube:
             self.ftj["status"] = {**(self.ftj.get("status") or {}), **patch["status"]}
             self.ftj["metadata"]["resourceVersion"] = str(self.version)
             return copy.deepcopy(self.ftj)
-        return {"metadata": {"name": api_path.rsplit("/", 1)[-1]}}
+        name = api_path.rsplit("/", 1)[-1]
+        if name in self.existing:  # the object as patched
+            self.existing[name] = _merged(self.existing[name], patch)
+            return copy.deepcopy(self.existing[name])
+        return {"metadata": {"name": name}}
+
+
+def _merged(obj: Mapping[str, Any], patch: Mapping[str, Any]) -> Obj:
+    """A JSON merge patch (RFC 7386) applied to a copy of `obj`."""
+    merged = copy.deepcopy(dict(obj))
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+class Posted(list[str]):
+    """The reasons of the Events posted, in order; their messages beside them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
 
 
 @pytest.fixture
-def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """The reasons of the Events the operator posts (Kopf's posting needs a running operator)."""
-    posted: list[str] = []
+def events(monkeypatch: pytest.MonkeyPatch) -> Iterator[Posted]:
+    """The Events the operator posts (Kopf's posting needs a running operator)."""
+    posted = Posted()
 
     def record(_body: Any, *, reason: str, message: str = "", **_: Any) -> None:
         posted.append(reason)
+        posted.messages.append(message)
 
     monkeypatch.setattr(kopf, "info", record)
     monkeypatch.setattr(kopf, "warn", record)
@@ -135,7 +161,7 @@ def _labelled(obj: Obj, ftj_name: str = "support-lora") -> Obj:
     return obj
 
 
-def test_creation_is_one_create_one_status_patch_and_two_events(events: list[str]) -> None:
+def test_creation_is_one_create_one_status_patch_and_one_event(events: Posted) -> None:
     ftj = served(suspend=True)
     kube = FakeKube(ftj)
     op = _operator(kube)
@@ -148,7 +174,9 @@ def test_creation_is_one_create_one_status_patch_and_two_events(events: list[str
     assert created[3:] == ["Job/support-lora-train"]
     assert kube.ftj["status"]["phase"] == "Suspended"
     assert kube.ftj["status"]["jobName"] == "support-lora-train"
-    assert events == ["JobCreated", "Suspended"]
+    # One Event: the first phase, which names the Job it created.
+    assert events == ["Suspended"]
+    assert events.messages[0].endswith(" Created training Job support-lora-train.")
 
     # Every later FineTuneJob of the namespace: its Job, its status, nothing else.
     second = served(name="second", suspend=True)
@@ -262,7 +290,7 @@ def test_slim_copies_keep_what_status_reads() -> None:
     full["spec"]["template"] = {"spec": {"containers": [{"name": "trainer"}]}}
     full["metadata"]["managedFields"] = [{"manager": "kube-controller-manager"}]
     slim = observed.slim_job(full)
-    assert slim["spec"] == {"suspend": True}
+    assert slim["spec"] == {"suspend": True, "backoffLimit": 2}  # and activeDeadlineSeconds
     assert "managedFields" not in slim["metadata"]
     assert slim["status"] == full["status"]
     assert observed.owned_by(slim, UID)
@@ -515,3 +543,47 @@ def test_a_refused_update_of_the_job_is_in_a_condition_and_an_event(events: list
     asyncio.run(reconcile.apply_spec_change(_operator(kube), later, seen))
     (applied,) = [c for c in kube.ftj["status"]["conditions"] if c["type"] == "SpecApplied"]
     assert (applied["status"], applied["reason"]) == ("True", "Applied")
+
+
+# ------------------------------------------------------- following the spec after a restart
+
+
+def _created_job(ftj: Obj) -> Obj:
+    """The Job as the operator created it for `ftj` (its manifest, with a uid)."""
+    settings = OperatorSettings()
+    body = copy.deepcopy(manifests.children(manifests.target(ftj, settings), settings)[-1])
+    body["metadata"]["uid"] = JOB_UID
+    return body
+
+
+def test_after_a_restart_a_job_that_follows_the_spec_costs_no_request(events: Posted) -> None:
+    ftj = served(suspend=True, status={"phase": "Suspended", "reason": "Suspended"})
+    kube = FakeKube(ftj)
+    asyncio.run(reconcile.follow_spec(_operator(kube), ftj, _seen([ftj], [_created_job(ftj)])))
+    assert kube.calls == [] and events == []
+
+
+def test_after_a_restart_a_spec_changed_meanwhile_reaches_the_job(events: Posted) -> None:
+    """Changed while no operator watched (the diff base is not persisted: persistence.py): the
+    operator compares the Job with the spec and patches what differs."""
+    before = served(suspend=True, status={"phase": "Suspended", "reason": "Suspended"})
+    job_body = _created_job(before)
+    ftj = served(suspend=False, maxRetries=5, status=before["status"], generation=2)
+    kube = FakeKube(ftj, existing={"support-lora-train": job_body})
+    kube.version = 2000  # newer than the streamed FineTuneJob
+    asyncio.run(reconcile.follow_spec(_operator(kube), ftj, _seen([ftj], [job_body])))
+    job_path = f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/support-lora-train"
+    assert [call for call in kube.calls if call[1] == job_path] == [("PATCH", job_path)] * 2
+    assert job_body["spec"]["suspend"] is True and job_body["spec"]["backoffLimit"] == 2
+    assert kube.patches[job_path]["spec"]["backoffLimit"] == 5  # the last of the two patches
+    # Resumed (said once), then waiting for the pod; no flap back to Resuming in between.
+    assert events == ["Resuming", "WaitingForPod"]
+    assert kube.ftj["status"]["observedGeneration"] == 2
+
+
+def test_after_a_restart_a_finished_job_is_left_alone(events: Posted) -> None:
+    ftj = served(maxRetries=5, status={"phase": "Succeeded", "reason": "Succeeded"})
+    kube = FakeKube(ftj)
+    job_body = _created_job(served())
+    asyncio.run(reconcile.follow_spec(_operator(kube), ftj, _seen([ftj], [job_body])))
+    assert kube.calls == [] and events == []
