@@ -21,7 +21,8 @@ delayed handler; Kopf's marker annotation is only written with a record that sta
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import kopf
 
@@ -34,6 +35,22 @@ class MemoryDiffBase(kopf.DiffBaseStorage):
         self._progress_prefix = f"{progress_prefix}/"
         # Compact JSON: a FineTuneJob's essence is ~1-2 KB, so 1,000 cost ~2 MB.
         self._essences: dict[str, str] = {}
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        """Kopf's essence, without first deep-copying what it then throws away.
+
+        Kopf builds it on every event of the object from a deep copy of the whole body, its
+        metadata (managedFields) and status included, then deletes those: 14% of the operator's
+        CPU under a burst of FineTuneJobs (py-spy). The same essence from the parts it keeps.
+        """
+        if extra_fields:  # a handler on a status field: Kopf's own way
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata") or {}
+        kept: dict[str, Any] = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+        kept["metadata"] = {key: meta[key] for key in ("labels", "annotations") if key in meta}
+        return super().build(body=kopf.Body(cast(kopf.RawBody, kept)))
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         uid = body.metadata.uid or ""

@@ -86,3 +86,25 @@ def test_a_pending_retry_keeps_its_record_and_the_marker() -> None:
     storage.store(key="created", record=RECORD, body=body, patch=patch)  # type: ignore[arg-type]
     annotations = patch["metadata"]["annotations"]
     assert set(annotations) == {f"{PREFIX}/created", f"{PREFIX}/kopf-managed"}
+
+
+def test_the_essence_is_kopfs_built_without_copying_metadata_and_status() -> None:
+    ftj = served(suspend=True, status={"phase": "Running", "observedGeneration": 1})
+    ftj["metadata"]["labels"] = {"team": "a"}
+    ftj["metadata"]["annotations"] = {
+        "note": "kept",
+        "kubectl.kubernetes.io/last-applied-configuration": "{}",
+        f"{PREFIX}/kopf-managed": "yes",  # our Kopf state: left out
+        f"{PREFIX}/created": json.dumps(RECORD),
+    }
+    ftj["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    body = _body(ftj)
+    kopfs = kopf.AnnotationsDiffBaseStorage(prefix="other.example").build(body=body)
+    ours = MemoryDiffBase(progress_prefix=PREFIX).build(body=body)
+    assert ours == kopfs
+    assert ours == {
+        "spec": ftj["spec"],
+        "metadata": {"labels": {"team": "a"}, "annotations": {"note": "kept"}},
+    }
+    ours["spec"]["suspend"] = False
+    assert body["spec"]["suspend"] is True  # a copy
