@@ -98,6 +98,14 @@ class ProgressAnnotations(kopf.AnnotationsProgressStorage):
     cycle, and the marker alone would still cost a PATCH of the object.
     """
 
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        """The essence without progress annotations. Kopf deep-copies both essences for this on
+        every event of the object, also when there is nothing to remove (almost always)."""
+        annotations = (essence.get("metadata") or {}).get("annotations") or {}
+        if not any(key.startswith(f"{self.prefix}/") for key in annotations):
+            return essence  # fresh from fetch or build: shared with nothing
+        return super().clear(essence=essence)
+
     def purge(self, *, key: Any, body: kopf.Body, patch: kopf.Patch) -> None:
         super().purge(key=key, body=body, patch=patch)
         marker = f"{self.prefix}/kopf-managed"

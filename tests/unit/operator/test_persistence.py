@@ -108,3 +108,13 @@ def test_the_essence_is_kopfs_built_without_copying_metadata_and_status() -> Non
     }
     ours["spec"]["suspend"] = False
     assert body["spec"]["suspend"] is True  # a copy
+
+
+def test_clearing_progress_copies_only_an_essence_that_holds_some() -> None:
+    storage = ProgressAnnotations(prefix=PREFIX)
+    plain = {"spec": {"suspend": True}, "metadata": {"annotations": {"note": "kept"}}}
+    assert storage.clear(essence=plain) is plain  # type: ignore[arg-type]
+    held = copy.deepcopy(plain)
+    held["metadata"]["annotations"][f"{PREFIX}/created"] = json.dumps(RECORD)
+    cleared = storage.clear(essence=held)  # type: ignore[arg-type]
+    assert cleared == plain and f"{PREFIX}/created" in held["metadata"]["annotations"]
