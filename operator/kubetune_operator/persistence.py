@@ -33,6 +33,7 @@ class MemoryDiffBase(kopf.DiffBaseStorage):
     def __init__(self, progress_prefix: str) -> None:
         super().__init__()
         self._progress_prefix = f"{progress_prefix}/"
+        self._legacy = f"{progress_prefix}/last-handled-configuration"
         # Compact JSON: a FineTuneJob's essence is ~1-2 KB, so 1,000 cost ~2 MB.
         self._essences: dict[str, str] = {}
 
@@ -63,6 +64,10 @@ class MemoryDiffBase(kopf.DiffBaseStorage):
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
         self._essences[body.metadata.uid or ""] = json.dumps(essence, separators=(",", ":"))
+        # The annotation earlier versions kept the diff base in is never updated now: removed
+        # when a spec change is handled (one patch, once per such object), not left to mislead.
+        if self._legacy in body.metadata.annotations:
+            patch.metadata.annotations[self._legacy] = None
 
     def forget(self, uid: str) -> None:
         """The object is gone (keeps the map bounded by the objects that exist)."""

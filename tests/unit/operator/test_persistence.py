@@ -118,3 +118,15 @@ def test_clearing_progress_copies_only_an_essence_that_holds_some() -> None:
     held["metadata"]["annotations"][f"{PREFIX}/created"] = json.dumps(RECORD)
     cleared = storage.clear(essence=held)  # type: ignore[arg-type]
     assert cleared == plain and f"{PREFIX}/created" in held["metadata"]["annotations"]
+
+
+def test_the_annotation_earlier_versions_kept_the_diff_base_in_goes_with_a_handled_change() -> None:
+    storage = MemoryDiffBase(progress_prefix=PREFIX)
+    legacy = f"{PREFIX}/last-handled-configuration"
+    ftj = served(status={"phase": "Running", "observedGeneration": 1})
+    ftj["metadata"]["annotations"] = {legacy: '{"spec":{}}', f"{PREFIX}/kopf-managed": "yes"}
+    body = _body(ftj)
+    assert storage.fetch(body=body) == storage.build(body=body)  # not progress: resumed
+    patch = kopf.Patch()
+    storage.store(body=body, patch=patch, essence=storage.build(body=body))
+    assert patch == {"metadata": {"annotations": {legacy: None}}}
