@@ -9,6 +9,7 @@ Every manifest is complete and otherwise valid: it is VALID_MANIFEST with one ch
 """
 
 import copy
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 Manifest = dict[str, Any]
@@ -179,13 +180,15 @@ class InvalidManifest(NamedTuple):
     strict_only: bool = False
 
 
-def _merge(base: Manifest, patch: Manifest) -> Manifest:
-    out = copy.deepcopy(base)
+def merged(base: Mapping[str, Any], patch: Mapping[str, Any], delete: object = DELETE) -> Manifest:
+    """`patch` merged into a copy of `base`; a key whose value is `delete` is removed (pass
+    delete=None for a JSON merge patch, RFC 7386)."""
+    out = copy.deepcopy(dict(base))
     for key, value in patch.items():
-        if value is DELETE:
+        if value is delete:
             out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merged(out[key], value, delete)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -193,7 +196,7 @@ def _merge(base: Manifest, patch: Manifest) -> Manifest:
 
 def job(name: str, spec_patch: Manifest) -> Manifest:
     """VALID_MANIFEST named `name`, with `spec_patch` merged into its spec."""
-    manifest = _merge(VALID_MANIFEST, {"spec": spec_patch})
+    manifest = merged(VALID_MANIFEST, {"spec": spec_patch})
     manifest["metadata"] = {"name": name}
     return manifest
 
@@ -468,7 +471,7 @@ INVALID_MANIFESTS: list[InvalidManifest] = [
 # setting that shapes the pod or the trainer config and must be rejected with IMMUTABLE_EXPECTED.
 IMMUTABLE_EXPECTED = "spec is immutable once the training Job exists"
 FORBIDDEN_UPDATES_WITH_JOB: list[InvalidManifest] = [
-    InvalidManifest(f"update-{name}", _merge(VALID_MANIFEST, {"spec": patch}), IMMUTABLE_EXPECTED)
+    InvalidManifest(f"update-{name}", merged(VALID_MANIFEST, {"spec": patch}), IMMUTABLE_EXPECTED)
     for name, patch in [
         ("lora-rank", {"lora": {"r": 8}}),
         ("method", {"method": "full"}),
@@ -480,7 +483,7 @@ FORBIDDEN_UPDATES_WITH_JOB: list[InvalidManifest] = [
 ]
 # ...and these change only the settings that stay mutable, so they must be accepted.
 ALLOWED_UPDATES_WITH_JOB: list[Manifest] = [
-    _merge(VALID_MANIFEST, {"spec": patch})
+    merged(VALID_MANIFEST, {"spec": patch})
     for patch in [
         {"suspend": True},
         {"maxRetries": 5, "timeout": "2h", "queueName": "team-a"},

@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 import pytest
 from ftj_objects import JOB_UID, NAMESPACE, UID, job, pod, running_pod, served
+from invalid_manifests import merged
 
 from kubetune_operator import manifests, observed, reconcile
 from kubetune_operator.kube import ApiError, Forbidden
@@ -86,22 +87,9 @@ class FakeKube:
             return copy.deepcopy(self.ftj)
         name = api_path.rsplit("/", 1)[-1]
         if name in self.existing:  # the object as patched
-            self.existing[name] = _merged(self.existing[name], patch)
+            self.existing[name] = merged(self.existing[name], patch, delete=None)
             return copy.deepcopy(self.existing[name])
         return {"metadata": {"name": name}}
-
-
-def _merged(obj: Mapping[str, Any], patch: Mapping[str, Any]) -> Obj:
-    """A JSON merge patch (RFC 7386) applied to a copy of `obj`."""
-    merged = copy.deepcopy(dict(obj))
-    for key, value in patch.items():
-        if value is None:
-            merged.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merged(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 class Posted(list[str]):
