@@ -900,6 +900,16 @@ class FineTuneRecipe:
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.grad_scaler)
 
+    def _data_fingerprint(self) -> str:
+        """checkpoint.data_fingerprint of the training data. A TokenStore's was computed while
+        it was written; hashing every example again cost each start of a run 8.5 s for 200k
+        examples (57M tokens) on the 2-core VM."""
+        if self.dpo:
+            return data_fingerprint(s for p in self.train_pairs for s in (p.chosen, p.rejected))
+        if isinstance(self.train_examples, TokenStore):
+            return self.train_examples.fingerprint
+        return data_fingerprint(self.train_examples)
+
     def _setup_resume(self) -> None:
         current = training_spec(self.spec)
         self.state = TrainerState(
@@ -909,11 +919,7 @@ class FineTuneRecipe:
             batch_index=0,
             spec_hash=spec_hash(current),
             training_spec=current,
-            data_fingerprint=data_fingerprint(
-                [s for p in self.train_pairs for s in (p.chosen, p.rejected)]
-                if self.dpo
-                else self.train_examples
-            ),
+            data_fingerprint=self._data_fingerprint(),
         )
         found = self._verified_checkpoint()
         if found is None:

@@ -8,6 +8,7 @@ import json
 import random
 import tracemalloc
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -475,3 +476,15 @@ def test_the_recipe_names_the_users_uri_and_line_in_streamed_data_errors(
         "s3://data/train/: 1 invalid record(s):\n  train.jsonl line 3: text must be a string "
         "(got number)"
     )
+
+
+def test_a_runs_data_fingerprint_is_read_from_its_store_not_hashed_again(
+    tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(3)
+    path = write_jsonl(tmp_path / "train.jsonl", [record("chat", rng) for _ in range(200)])
+    store = stores_for(path, tokenizer, tmp_path / "cache", max_len=32).train
+    hashed = data_fingerprint(list(store))
+    monkeypatch.setattr(TokenStore, "__iter__", lambda _: pytest.fail("examples hashed again"))
+    run = SimpleNamespace(dpo=False, train_examples=store)
+    assert FineTuneRecipe._data_fingerprint(run) == hashed  # type: ignore[arg-type]
