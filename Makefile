@@ -108,7 +108,7 @@ demo: cluster-up
 BENCH_OUT ?= docs/benchmarks
 bench: cluster-up
 	@set -e; mkdir -p $(BENCH_OUT); start=$$SECONDS; \
-	for step in "startup.py" "s3_pull.py --reps 2" "operator_scale.py" "crd_admission.py" "trainer_throughput.py" \
+	for step in "startup.py" "s3_pull.py --reps 2" "operator_scale.py" "crd_admission.py" "api_request_cost.py" "trainer_throughput.py" \
 		"dpo_throughput.py" "data_scale.py"; do \
 		script=$${step%% *}; t0=$$SECONDS; \
 		$(PY) benchmarks/$$step --out $(BENCH_OUT)/$${script%.py}.json; \

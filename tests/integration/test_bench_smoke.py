@@ -1,5 +1,5 @@
 """Smoke runs of the control-plane benchmarks (benchmarks/operator_scale.py, crd_admission.py,
-startup.py).
+api_request_cost.py, startup.py).
 
 Far too small to measure anything: they check that the scripts run against the local cluster and
 write complete results (keys present, numbers positive). No timing is asserted.
@@ -83,6 +83,20 @@ def test_crd_admission_smoke(cluster: Cluster, tmp_path: Path) -> None:
     # This tree's CRD is back, CEL rules and all: no variant is left installed.
     crd = cluster.kubectl("get", "crd", "finetunejobs.kubetune.dev", "-o", "json").stdout
     assert "x-kubernetes-validations" in crd
+
+
+def test_api_request_cost_smoke(cluster: Cluster, tmp_path: Path) -> None:
+    out = tmp_path / "api_request_cost.json"
+    run("api_request_cost.py", "--count", "20", "--rounds", "1", "--out", str(out))
+    data = json.loads(out.read_text())
+    kinds = {"ftj_create", "job_create", "ftj_status_patch", "event_create", "ftj_label_patch",
+             "job_label_patch"}  # fmt: skip
+    assert set(data["median"]) == kinds and len(data["runs"]) == 1
+    for kind, cost in data["median"].items():
+        positive(cost["kube-apiserver"], f"{kind} kube-apiserver")
+    # Its namespace is gone before it returns (the next round, or test, does not pay for it).
+    namespaces = cluster.kubectl("get", "namespaces", "-o", "name").stdout
+    assert "api-cost-" not in namespaces
 
 
 def test_naive_operator_and_startup_scripts_start() -> None:
