@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -24,8 +23,9 @@ from typing import Any
 
 import pytest
 import yaml
+from e2e.chart_release import chart_release
 
-from localenv.testing import Cluster, free_port, free_ports, wait_until
+from localenv.testing import Cluster, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples" / "quickstart"))
@@ -42,35 +42,12 @@ Obj = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster) -> Iterator[Cluster]:
-    """The quickstart assets, the Secret, and a release of the chart watching NAMESPACE, with a
-    rendezvous port range of its own (pods share the host's network here)."""
-    env = cluster.s3_env
-    demo.upload_assets(env)
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.kubectl("delete", "namespace", NAMESPACE, RELEASE_NAMESPACE, "--ignore-not-found",
-                    "--wait=true", timeout=180)  # fmt: skip
-    demo.create_secret(env, NAMESPACE)
-    metrics, health = free_ports(2)
+    """The chart watching NAMESPACE, with a rendezvous port range of its own."""
     low = free_port()
-    helm = [str(cluster.bin / "helm"), "--kubeconfig", str(cluster.kubeconfig)]
-    subprocess.run(
-        [*helm, "upgrade", "--install", RELEASE, str(ROOT / "charts/kubetune"),
-         "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--wait", "--timeout", "3m",
-         "--set", "crds.enabled=false",
-         "--set", f"operator.watchNamespaces={{{NAMESPACE}}}",
-         "--set", f"operator.metricsPort={metrics}", "--set", f"metrics.service.port={metrics}",
-         "--set", f"operator.healthPort={health}", "--set", "operator.logFormat=text",
-         "--set", f"trainer.rendezvousPorts={low}-{low}",
-         "--set", f"trainer.storage.endpoint={env['AWS_ENDPOINT_URL']}",
-         "--set", "trainer.storage.credentialsSecretName=s3-credentials"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    yield cluster
-    subprocess.run([*helm, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait"],
-                   check=False, capture_output=True)  # fmt: skip
-    cluster.kubectl("delete", "namespace", NAMESPACE, RELEASE_NAMESPACE, "--wait=false",
-                    check=False)  # fmt: skip
-    demo.assets.remove(f"{OUT}/", cluster.s3_env)
+    with chart_release(cluster, release=RELEASE, namespace=NAMESPACE,
+                       release_namespace=RELEASE_NAMESPACE, output_prefix=OUT,
+                       values=[f"trainer.rendezvousPorts={low}-{low}"]) as installed:  # fmt: skip
+        yield installed
 
 
 def quickstart(name: str, **spec: Any) -> Obj:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
+from e2e.chart_release import chart_release
 
 from localenv.testing import Cluster, free_port, wait_until
 
@@ -41,34 +42,10 @@ Obj = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def installed(cluster: Cluster) -> Iterator[Cluster]:
-    """The quickstart assets, the Secret, and a release of the chart watching NAMESPACE only
-    (its own release: the CRDs come from crds/, so it can live beside the e2e module's)."""
-    env = cluster.s3_env
-    demo.upload_assets(env)
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    # Left over from an earlier run (its teardown does not wait): gone before we start.
-    cluster.kubectl("delete", "namespace", NAMESPACE, RELEASE_NAMESPACE, "--ignore-not-found",
-                    "--wait=true", timeout=180)  # fmt: skip
-    demo.create_secret(env, NAMESPACE)
-    metrics, health = free_port(), free_port()
-    helm = [str(cluster.bin / "helm"), "--kubeconfig", str(cluster.kubeconfig)]
-    subprocess.run(
-        [*helm, "upgrade", "--install", RELEASE, str(ROOT / "charts/kubetune"),
-         "--namespace", RELEASE_NAMESPACE, "--create-namespace", "--wait", "--timeout", "3m",
-         "--set", "crds.enabled=false",
-         "--set", f"operator.watchNamespaces={{{NAMESPACE}}}",
-         "--set", f"operator.metricsPort={metrics}", "--set", f"metrics.service.port={metrics}",
-         "--set", f"operator.healthPort={health}", "--set", "operator.logFormat=text",
-         "--set", f"trainer.storage.endpoint={env['AWS_ENDPOINT_URL']}",
-         "--set", "trainer.storage.credentialsSecretName=s3-credentials"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    yield cluster
-    subprocess.run([*helm, "uninstall", RELEASE, "--namespace", RELEASE_NAMESPACE, "--wait"],
-                   check=False, capture_output=True)  # fmt: skip
-    cluster.kubectl("delete", "namespace", NAMESPACE, RELEASE_NAMESPACE, "--wait=false",
-                    check=False)  # fmt: skip
-    demo.assets.remove(f"{OUT}/", cluster.s3_env)
+    """The chart watching NAMESPACE only (its own release, beside the e2e module's)."""
+    with chart_release(cluster, release=RELEASE, namespace=NAMESPACE,
+                       release_namespace=RELEASE_NAMESPACE, output_prefix=OUT) as installed:  # fmt: skip
+        yield installed
 
 
 def quickstart(name: str, output_uri: str, **spec: Any) -> Obj:
