@@ -26,7 +26,13 @@ from kubetune_trainer.data import (
 )
 from kubetune_trainer.data.packing import pack_rows, pack_rows_compact, packing_efficiency
 from kubetune_trainer.data.records import DatasetError, scan_records, split_train_validation
-from kubetune_trainer.data.store import RecordStream, TokenStore, split_stream, tokenized_stores
+from kubetune_trainer.data.store import (
+    ExampleChain,
+    RecordStream,
+    TokenStore,
+    split_stream,
+    tokenized_stores,
+)
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.plan import TrainingPlan
 from kubetune_trainer.recipe import FineTuneRecipe
@@ -488,3 +494,21 @@ def test_a_runs_data_fingerprint_is_read_from_its_store_not_hashed_again(
     monkeypatch.setattr(TokenStore, "__iter__", lambda _: pytest.fail("examples hashed again"))
     run = SimpleNamespace(dpo=False, train_examples=store)
     assert FineTuneRecipe._data_fingerprint(run) == hashed  # type: ignore[arg-type]
+
+
+def test_a_store_and_a_chain_of_stores_index_like_lists(tmp_path: Path, tokenizer: Any) -> None:
+    rng = random.Random(5)
+    path = write_jsonl(tmp_path / "train.jsonl", [record("chat", rng) for _ in range(60)])
+    stores = stores_for(path, tokenizer, tmp_path / "cache", max_len=32)
+    chain = ExampleChain(stores.train, ExampleChain(), stores.validation)
+    for sequence, listed in (
+        (stores.train, list(stores.train)),
+        (chain, [*stores.train, *stores.validation]),
+    ):
+        n = len(listed)
+        assert len(sequence) == n and n > 2
+        assert [sequence[i] for i in (0, n - 1, -1, -n)] == [listed[i] for i in (0, n - 1, -1, -n)]
+        assert sequence[1:-1:2] == listed[1:-1:2] and sequence[n:] == []
+        for bad in (n, -n - 1):
+            with pytest.raises(IndexError):
+                sequence[bad]

@@ -153,7 +153,27 @@ class _FlatFile:
         return np.frombuffer(data, dtype=self.dtype)
 
 
-class TokenStore(Sequence[Example]):
+class _Examples(Sequence[Example]):
+    """The sequence protocol over `_example(i)` for 0 <= i < len: ints, negative ints, slices."""
+
+    def _example(self, index: int) -> Example:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Example]: ...
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:
+        if isinstance(index, slice):
+            return [self._example(i) for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        return self._example(index)
+
+
+class TokenStore(_Examples):
     """Examples read from a store directory (see the module docstring).
 
     Reading an example builds it from its token range; iterating goes chunk by chunk. lengths
@@ -189,19 +209,6 @@ class TokenStore(Sequence[Example]):
         labels = np.where(self.train.read(start, end) != 0, ids, IGNORE_INDEX)
         return Example(ids.tolist(), labels.tolist())
 
-    @overload
-    def __getitem__(self, index: int) -> Example: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Example]: ...
-    def __getitem__(self, index: int | slice) -> Example | list[Example]:
-        if isinstance(index, slice):
-            return [self._example(i) for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"example {index} of {len(self)}")
-        return self._example(index)
-
     def __iter__(self) -> Iterator[Example]:
         # A few thousand examples per NumPy call, then plain list slices: iterating every
         # example (the checkpoint's data fingerprint) costs little more than for lists.
@@ -225,7 +232,7 @@ class TokenStore(Sequence[Example]):
         return top
 
 
-class ExampleChain(Sequence[Example]):
+class ExampleChain(_Examples):
     """Several example sequences read as one, without copying them into a list."""
 
     def __init__(self, *parts: Sequence[Example]) -> None:
@@ -234,20 +241,12 @@ class ExampleChain(Sequence[Example]):
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts)
 
-    @overload
-    def __getitem__(self, index: int) -> Example: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Example]: ...
-    def __getitem__(self, index: int | slice) -> Example | list[Example]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
+    def _example(self, index: int) -> Example:
         for part in self.parts:
             if index < len(part):
                 return part[index]
             index -= len(part)
-        raise IndexError("example index out of range")
+        raise IndexError(f"example {index} past the last part")
 
     def __iter__(self) -> Iterator[Example]:
         for part in self.parts:
