@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import kopf
 
 from kubetune_operator import handlers
+from kubetune_operator.gc_tuning import tune_gc
 from kubetune_operator.settings import (
     OperatorSettings,
     SettingsError,
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("kopf.objects").addFilter(_QuietEventHandlers())
     logging.getLogger("kopf._core.reactor.observation").addFilter(_KueueIsOptional())
     health = settings.health_port
+    tune_gc()  # after start-up's imports and settings: see gc_tuning.py
     kopf.run(
         clusterwide=settings.clusterwide,
         namespaces=list(settings.namespaces),

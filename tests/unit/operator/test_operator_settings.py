@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 
 import kopf
 import pytest
 
 from kubetune_operator import __main__ as entry
+from kubetune_operator import gc_tuning
 from kubetune_operator.persistence import MemoryDiffBase, ProgressAnnotations
 from kubetune_operator.settings import (
     OperatorSettings,
@@ -127,3 +130,25 @@ def test_a_missing_kueue_is_reported_as_information_not_as_a_warning() -> None:
     )
     assert entry._KueueIsOptional().filter(other)
     assert other.levelno == logging.WARNING
+
+
+def test_the_operator_tunes_the_garbage_collector_before_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: dict[str, object] = {}
+
+    def run(**_: object) -> None:  # stands in for kopf.run: what the operator would run with
+        seen["threshold"] = gc.get_threshold()
+
+    before = gc.get_threshold()
+    monkeypatch.setattr(entry.kopf, "run", run)
+    monkeypatch.setattr(entry.kopf, "configure", lambda **_: None)
+    for name in list(os.environ):
+        if name.startswith("KUBETUNE_"):
+            monkeypatch.delenv(name)
+    try:
+        assert entry.main([]) == 0
+    finally:
+        gc.set_threshold(*before)
+    assert seen["threshold"] == gc_tuning.THRESHOLDS
+    assert seen["threshold"][0] > 700  # CPython's default, which the benchmark measured
