@@ -31,8 +31,9 @@ so every Job is created suspended and no pod runs. Measured:
   apiserver_flowcontrol_dispatched_requests_total is read before and after;
 * idle: CPU seconds and requests over --idle-seconds after the batch (30 s by default);
 * context: CPU seconds of kube-apiserver, etcd and kube-controller-manager and of this process
-  during the batch (all share the same cores), of the whole machine, and what other processes
-  (other work on a shared machine) used of it.
+  during the batch (all share the same cores), of the whole machine, what other processes
+  (other work on a shared machine) used of it, and the steal time (a VM's cores lent to other
+  guests), which sets how fast a whole run is: compare configurations within one invocation.
 
 The namespace is deleted (and waited for) between configurations. Results:
 docs/benchmarks/operator_scale.json and operator_scale.png; see docs/benchmarks.md, section
@@ -80,7 +81,9 @@ from localenv.testing import DEV, Cluster, free_port  # noqa: E402
 FTJ_API = "/apis/kubetune.dev/v1alpha1"
 FTJ_LABEL = "kubetune.dev/finetunejob"
 NAIVE_OPERATOR = ROOT / "benchmarks" / "kopf_defaults_operator.py"
-TARGETS = {"all_done_s": 30.0, "p99_latency_s": 1.0, "peak_rss_mb": 150.0, "idle_cpu_percent": 1.0}
+# All done and p99 as issue #17 set them for the 2-core machine (the first benchmark's p99 of
+# 1 s assumed a control plane with cores to spare); peak RSS and idle CPU from the first.
+TARGETS = {"all_done_s": 30.0, "p99_latency_s": 10.0, "peak_rss_mb": 150.0, "idle_cpu_percent": 1.0}
 CONFIGS = {
     "shipped": "kubetune-operator as shipped (the project's Kopf settings)",
     "kopf_defaults": "the same operator code with Kopf's default settings",
@@ -253,6 +256,12 @@ def machine_busy_cpu() -> float:
     times = psutil.cpu_times()
     busy = ("user", "nice", "system", "irq", "softirq")  # guest time is counted in user
     return float(sum(getattr(times, name, 0.0) for name in busy))
+
+
+def stolen_cpu() -> float:
+    """CPU seconds the hypervisor gave other guests while this VM's processes were runnable
+    (steal time): capacity this machine did not have, which makes runs of an hour differ."""
+    return float(getattr(psutil.cpu_times(), "steal", 0.0))
 
 
 def own_cpu() -> float:
@@ -508,6 +517,7 @@ class Bench:
         cpu_start = meter.cpu()
         requests_start = self.requests_by_verb()
         plane_0, own_0, machine_0 = control_plane_cpu(), own_cpu(), machine_busy_cpu()
+        steal_0 = stolen_cpu()
         log(f"{config}: active after {active - launched:.1f} s; creating")
 
         first, created = self.create_all(namespace, tracker)
@@ -516,6 +526,7 @@ class Bench:
         last_done = time.monotonic()
         cpu_done = meter.cpu()
         plane_1, own_1, machine_1 = control_plane_cpu(), own_cpu(), machine_busy_cpu()
+        steal_1 = stolen_cpu()
         if not finished:
             log(f"{config}: only {tracker.done_count}/{self.jobs} done after {self.timeout} s")
         else:
@@ -619,6 +630,7 @@ class Bench:
                     2,
                 ),
                 "machine_capacity": round(benchlib.usable_cores() * (last_done - first), 2),
+                "stolen by the hypervisor": round(steal_1 - steal_0, 2),
                 "operator": round(cpu_done - cpu_start, 2),
                 "window_s": round(last_done - first, 2),
             },

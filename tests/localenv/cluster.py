@@ -302,6 +302,7 @@ def kubectl(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def components(ports: dict[str, int], s3_user: str, s3_password: str) -> list[Component]:
     kube = str(BIN / "kube")
     api = f"https://127.0.0.1:{ports['apiserver']}"
+    profiling = "true" if os.environ.get("KUBETUNE_APISERVER_PROFILING") == "1" else "false"
     etcd = Component(
         "etcd",
         [
@@ -340,7 +341,7 @@ def components(ports: dict[str, int], s3_user: str, s3_password: str) -> list[Co
             f"--kubelet-client-key={PKI / 'apiserver-kubelet-client.key'}",
             f"--kubelet-certificate-authority={PKI / 'ca.crt'}",
             "--kubelet-preferred-address-types=InternalIP",
-            "--profiling=false",
+            f"--profiling={profiling}",  # KUBETUNE_APISERVER_PROFILING=1: /debug/pprof on
             "--v=1",
         ],
     )  # fmt: skip
