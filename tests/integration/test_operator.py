@@ -32,6 +32,7 @@ from unit.operator.invalid_manifests import (
     ALLOWED_UPDATES_WITH_JOB,
     FORBIDDEN_UPDATES_WITH_JOB,
     INVALID_MANIFESTS,
+    OUTPUTS_BESIDE_INPUTS,
     VALID_MANIFEST,
     WITH_JOB_STATUS,
     InvalidManifest,
@@ -213,6 +214,15 @@ def test_api_server_rejects_invalid_manifest(
     )  # fmt: skip
     assert result.returncode != 0, f"{case.id} was accepted"
     assert case.expected in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("manifest", OUTPUTS_BESIDE_INPUTS, ids=lambda m: m["metadata"]["name"])
+def test_api_server_accepts_an_output_beside_its_inputs(
+    cluster: Cluster, shared_namespace: str, manifest: dict[str, Any]
+) -> None:
+    cluster.kubectl(
+        "apply", "--dry-run=server", "-n", shared_namespace, "-f", "-", input=json.dumps(manifest)
+    )
 
 
 def test_api_server_freezes_training_settings_once_started(

@@ -1029,10 +1029,14 @@ OUTPUT_CLEAR_OF: Final = (
 
 
 def _output_clear_of(path: str, required: bool) -> CelRule:
-    out, inp = _cel_directory("self.output.uri"), _cel_directory(f"self.{path}")
+    # Each URI is read once and bound by a one-element comprehension (CRD rules have no
+    # cel.bind): every field access below spec costs the API server a copy of spec's whole
+    # property list (apiextensions-apiserver's Structural.Properties), eight per rule before.
+    out, inp = _cel_directory("o"), _cel_directory("i")
+    overlap = f"{out}.startsWith({inp}) || {inp}.startsWith({out})"
     guard = "" if required else f"!has(self.{path}) || "
     return CelRule(
-        rule=f"{guard}!({out}.startsWith({inp}) || {inp}.startsWith({out}))",
+        rule=f"{guard}[self.output.uri].all(o, [self.{path}].all(i, !({overlap})))",
         message=(
             f"output.uri must not equal, contain or lie inside {path}: the job would write its "
             "outputs over or among its inputs"

@@ -490,3 +490,22 @@ ALLOWED_UPDATES_WITH_JOB: list[Manifest] = [
         {"cancel": True},
     ]
 ]
+
+# Outputs next to their inputs, never on, in or around them: locations are object prefixes, so a
+# shared leading string is not containment. Both the API server and the models must accept these.
+OUTPUTS_BESIDE_INPUTS: list[Manifest] = [
+    job(name, patch)
+    for name, patch in [
+        ("output-beside-base", {"output": {"uri": "s3://models/qwen2.5-0.5b-lora"}}),
+        ("output-beside-train", {"output": {"uri": "s3://datasets/support/train"}}),
+        (
+            "output-beside-validation",
+            {"dataset": {"validationUri": "s3://outputs/support-lora.val.jsonl"}},
+        ),
+        (
+            "output-beside-tokenizer",
+            {"baseModel": {"tokenizerUri": "s3://outputs/support-lora-tokenizer/"}},
+        ),
+        ("output-in-another-bucket", {"output": {"uri": "s3://models-out/qwen2.5-0.5b"}}),
+    ]
+]

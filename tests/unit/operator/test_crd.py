@@ -14,6 +14,7 @@ from invalid_manifests import (
     FORBIDDEN_UPDATES_WITH_JOB,
     FULL_MANIFEST,
     INVALID_MANIFESTS,
+    OUTPUTS_BESIDE_INPUTS,
     VALID_MANIFEST,
     InvalidManifest,
 )
@@ -200,6 +201,11 @@ def test_valid_manifest_is_accepted() -> None:
     job = FineTuneJob.model_validate(VALID_MANIFEST)
     assert job.spec.method == "lora"
     assert job.spec.lora.target_modules == ["all-linear"]
+
+
+@pytest.mark.parametrize("manifest", OUTPUTS_BESIDE_INPUTS, ids=lambda m: m["metadata"]["name"])
+def test_an_output_beside_its_inputs_is_accepted(manifest: dict[str, Any]) -> None:
+    FineTuneJob.model_validate(manifest)
 
 
 def test_full_manifest_round_trips(schema: Node) -> None:
