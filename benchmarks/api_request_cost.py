@@ -14,6 +14,9 @@ controller's status update of each new suspended Job is counted with the Job cre
 * ftj_create: the user's FineTuneJob (operator_scale.finetunejob, suspended);
 * job_create: its Job, as the operator builds it (manifests.children), suspended;
 * ftj_status_patch: the operator's first status patch (status.status_patch), merge patch;
+* ftj_progress_patch: a trainer's progress report (a status merge patch of stage, progress and
+  metrics) once status.jobName is set, every 10 s per running job: the CRD's immutability
+  rule compares the spec with the old one on each;
 * event_create: the Event of the first phase, as Kopf posts it;
 * ftj_label_patch, job_label_patch: a one-label merge patch of a FineTuneJob and of a Job (what
   any update of each kind costs, whatever it changes).
@@ -79,6 +82,15 @@ def event(namespace: str, ftj: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def progress_body(i: int) -> str:
+    """A trainer's progress report, as reporting.py sends it (stage, progress, metrics)."""
+    step = 10 + i % 90
+    progress = {"epoch": step / 100, "step": step, "totalSteps": 100, "percent": float(step),
+                "etaSeconds": 900 - 9 * step}  # fmt: skip
+    return json.dumps({"status": {"stage": "Training", "progress": progress,
+                                  "metrics": {"trainLoss": 1.25}}})  # fmt: skip
+
+
 def one_round(api: Api, count: int) -> dict[str, dict[str, float]]:
     namespace = f"api-cost-{uuid.uuid4().hex[:6]}"
     api.json("POST", "/api/v1/namespaces", json={"metadata": {"name": namespace}})
@@ -112,6 +124,11 @@ def one_round(api: Api, count: int) -> dict[str, dict[str, float]]:
             count,
             lambda i: api.json("PATCH", f"{ftjs_path}/b-{i:05d}/status", data=bodies[i],
                                headers=MERGE),
+        )  # fmt: skip
+        results["ftj_progress_patch"] = measure(
+            count,
+            lambda i: api.json("PATCH", f"{ftjs_path}/b-{i:05d}/status",
+                               data=progress_body(i), headers=MERGE),
         )  # fmt: skip
         results["event_create"] = measure(
             count,

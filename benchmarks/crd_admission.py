@@ -18,7 +18,7 @@ second client's: every create is serialized for them), against
 Variants alternate within each round; each gets a fresh namespace, deleted afterwards, and the
 CRD is applied (and Established) before its creates. This tree's CRD is restored at the end.
 Results: docs/benchmarks/crd_admission.json (per variant: seconds for all creates, p50/p99 of
-one create, stored object size).
+one create, kube-apiserver CPU per create (its watch fan-out included), stored object size).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests"), str(ROOT / "tests
 import benchlib  # noqa: E402
 from kubeapi import Api  # noqa: E402
 from operator_harness import CRDS, install_crds  # noqa: E402
-from operator_scale import FTJ_API, finetunejob  # noqa: E402
+from operator_scale import FTJ_API, control_plane_cpu, finetunejob  # noqa: E402
 
 from localenv.testing import Cluster  # noqa: E402
 
@@ -109,10 +109,11 @@ def create_batch(cluster: Cluster, api: Api, jobs: int) -> dict[str, Any]:
             api.json("POST", path, json=finetunejob(f"bench-{i:05d}"))
             latencies.append(time.monotonic() - started)
 
-        started = time.monotonic()
+        started, cpu_0 = time.monotonic(), control_plane_cpu()["kube-apiserver"]
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(create, range(jobs)))
         total = time.monotonic() - started
+        cpu = control_plane_cpu()["kube-apiserver"] - cpu_0
         stop.set()
         size = len(api.call("GET", f"{path}/bench-00000").content)
     finally:
@@ -122,6 +123,7 @@ def create_batch(cluster: Cluster, api: Api, jobs: int) -> dict[str, Any]:
         "all_creates_s": round(total, 3),
         "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
         "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1),
+        "apiserver_cpu_ms_per_create": round(1000 * cpu / jobs, 2),
         "object_bytes": size,
     }
 
@@ -155,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         name: {
             "all_creates_s_median": benchlib.median([r["all_creates_s"] for r in results]),
             "p50_ms_median": benchlib.median([r["p50_ms"] for r in results]),
+            "apiserver_cpu_ms_per_create_median": benchlib.median(
+                [r["apiserver_cpu_ms_per_create"] for r in results]
+            ),
             "object_bytes": results[-1]["object_bytes"],
         }
         for name, results in runs.items()

@@ -78,7 +78,8 @@ def test_crd_admission_smoke(cluster: Cluster, tmp_path: Path) -> None:
     for name, runs in data["runs"].items():
         assert len(runs) == 2
         for result in runs:
-            for key in ("all_creates_s", "p50_ms", "p99_ms", "object_bytes"):
+            keys = ("all_creates_s", "p50_ms", "p99_ms", "apiserver_cpu_ms_per_create")
+            for key in (*keys, "object_bytes"):
                 positive(result[key], f"{name} {key}")
     assert data["ratios_vs_current"]["current"] == 1.0
     # This tree's CRD is back, CEL rules and all: no variant is left installed.
@@ -90,8 +91,8 @@ def test_api_request_cost_smoke(cluster: Cluster, tmp_path: Path) -> None:
     out = tmp_path / "api_request_cost.json"
     run("api_request_cost.py", "--count", "20", "--rounds", "1", "--out", str(out))
     data = json.loads(out.read_text())
-    kinds = {"ftj_create", "job_create", "ftj_status_patch", "event_create", "ftj_label_patch",
-             "job_label_patch"}  # fmt: skip
+    kinds = {"ftj_create", "job_create", "ftj_status_patch", "ftj_progress_patch", "event_create",
+             "ftj_label_patch", "job_label_patch"}  # fmt: skip
     assert set(data["median"]) == kinds and len(data["runs"]) == 1
     for kind, cost in data["median"].items():
         positive(cost["kube-apiserver"], f"{kind} kube-apiserver")
