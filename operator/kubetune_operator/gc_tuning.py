@@ -4,8 +4,9 @@ An operator's objects die by reference counting (watch events, request and respo
 cyclic collector finds little. At CPython's default generation-0 threshold (700 net allocations)
 it runs so often that bodies still being handled are promoted to the old generation. Their growth
 there triggers full collections of the whole heap, about 160 ms each with 1,000 FineTuneJobs
-indexed. Under a burst of 1,000 FineTuneJobs the collector took 3.3 of the operator's 19.3
-CPU-seconds, 1.1 of 12.8 with this threshold (gc.callbacks; docs/benchmarks.md, "Operator scale").
+indexed. Under a burst of 1,000 FineTuneJobs the collector took 17 % of the operator's CPU
+(3.3 of 19.3 CPU-seconds), 9 % with this threshold (gc.callbacks; docs/benchmarks.md, "Operator
+scale").
 """
 
 from __future__ import annotations
