@@ -69,12 +69,12 @@ def slim_ftj(body: Body) -> dict[str, Any]:
     }
 
 
-_JOB_SPEC: Final = ("suspend", "backoffLimit", "activeDeadlineSeconds")
+_JOB_SPEC: Final = ("suspend", "backoffLimit", "activeDeadlineSeconds", "podFailurePolicy")
 
 
 def slim_job(body: Body) -> dict[str, Any]:
-    """A Job without its pod template: status.py reads spec.suspend and the status; the
-    operator's restart compares the mutable settings (manifests.settings_differ)."""
+    """A Job without its pod template: status.py reads spec.suspend, the podFailurePolicy and
+    the status; the operator's restart compares the mutable settings (manifests.settings_differ)."""
     spec = body.get("spec") or {}
     return {
         "apiVersion": body.get("apiVersion", "batch/v1"),

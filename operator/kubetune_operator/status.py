@@ -352,7 +352,7 @@ def _with_job(  # noqa: PLR0917 - the observations, as _assess reads them
             started=started,
             finished=finished,
         )
-    failed = _true_condition(job, "Failed", "FailureTarget")
+    failed = _true_condition(job, "Failed", "FailureTarget") or _failing_by_policy(job, pods)
     if failed is not None:
         reason, message = _failure(spec, job, failed, pods)
         return Verdict(
@@ -602,6 +602,57 @@ def _config_error(ftj: Body, spec: FineTuneSpec, detail: str, started: str | Non
         _clip(f"The training pod cannot start: {detail}."),
         started=started,
     )
+
+
+def pod_failure_action(policy: Body | None, pod: Body) -> str | None:
+    """The action of the first rule of a Job's podFailurePolicy that a failed pod matches (None:
+    no rule does, so the failure counts against backoffLimit), evaluated the way the Job
+    controller does (k8s.io/kubernetes pkg/controller/job/pod_failure_policy.go): rules in
+    order; an exit-code rule looks at terminated containers with a non-zero exit code (of
+    containerName only, when set); a pod-condition rule at the pod's conditions."""
+    status = pod.get("status") or {}
+    for rule in (policy or {}).get("rules") or []:
+        on_exit = rule.get("onExitCodes")
+        if on_exit is not None:
+            values = set(on_exit.get("values") or ())
+            wanted = on_exit.get("containerName")
+            for container in [
+                *(status.get("containerStatuses") or []),
+                *(status.get("initContainerStatuses") or []),
+            ]:
+                code = ((container.get("state") or {}).get("terminated") or {}).get("exitCode")
+                if not code or (wanted is not None and container.get("name") != wanted):
+                    continue
+                if (code in values) == (on_exit.get("operator") == "In"):
+                    return str(rule.get("action"))
+        else:
+            patterns = rule.get("onPodConditions") or []
+            for cond in status.get("conditions") or []:
+                if any(
+                    cond.get("type") == p.get("type")
+                    and cond.get("status") == p.get("status", "True")
+                    for p in patterns
+                ):
+                    return str(rule.get("action"))
+    return None
+
+
+def _failing_by_policy(job: Body, pods: Sequence[Body]) -> Body | None:
+    """The Failed condition the Job controller is about to add, when a failed pod matches a
+    FailJob rule of the Job's podFailurePolicy (a permanent trainer exit code): the pod's
+    failure decides the Job's, so the status says Failed at once instead of "retrying" until
+    the controller has caught up."""
+    policy = (job.get("spec") or {}).get("podFailurePolicy")
+    for pod in reversed(pods):  # newest first
+        if _pod_phase(pod) == "Failed" and pod_failure_action(policy, pod) == "FailJob":
+            finished = (_terminated(pod) or {}).get("finishedAt")
+            return {
+                "type": "FailureTarget",
+                "status": "True",
+                "reason": "PodFailurePolicy",
+                "lastTransitionTime": finished,
+            }
+    return None
 
 
 def _failures(job: Body) -> int:

@@ -374,7 +374,10 @@ def test_status_follows_the_pod_to_succeeded(
 
 
 def test_data_error_fails_at_once_with_the_trainers_message(
-    cluster: Cluster, restricted_namespace: str, start_operator: Callable[[str], OperatorProcess]
+    cluster: Cluster,
+    restricted_namespace: str,
+    start_operator: Callable[[str], OperatorProcess],
+    phase_log: PhaseLog,
 ) -> None:
     ns = restricted_namespace
     start_operator("a").wait_active()
@@ -389,7 +392,10 @@ def test_data_error_fails_at_once_with_the_trainers_message(
     # podFailurePolicy: no retry for a data error, although maxRetries is 3.
     (pod,) = trainer_pods(cluster, ns, "bad-data")
     assert terminated(pod)["exitCode"] == exitcodes.DATA_ERROR
-    wait_events(cluster, ns, "bad-data", "DataError", kind="Warning")
+    posted = wait_events(cluster, ns, "bad-data", "DataError", kind="Warning")
+    # Never "retrying" on the way, not even while the Job controller catches up with the pod.
+    assert "Retrying" not in [e["reason"] for e in posted]
+    assert "Retrying" not in phase_log.reasons("bad-data")
 
 
 def test_oom_killed_is_reported_with_a_hint(

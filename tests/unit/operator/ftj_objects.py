@@ -9,6 +9,7 @@ from typing import Any
 
 from invalid_manifests import VALID_MANIFEST
 
+from kubetune_operator import manifests
 from kubetune_trainer.api import FineTuneSpec
 
 Obj = dict[str, Any]
@@ -80,7 +81,12 @@ def job(
                 }
             ],
         },
-        "spec": {"suspend": suspend, "backoffLimit": 2},
+        # The operator's own pod failure policy, as the Job controller reads it.
+        "spec": {
+            "suspend": suspend,
+            "backoffLimit": 2,
+            "podFailurePolicy": manifests.pod_failure_policy(),
+        },
         "status": status,
     }
 

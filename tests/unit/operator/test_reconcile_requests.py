@@ -278,7 +278,11 @@ def test_slim_copies_keep_what_status_reads() -> None:
     full["spec"]["template"] = {"spec": {"containers": [{"name": "trainer"}]}}
     full["metadata"]["managedFields"] = [{"manager": "kube-controller-manager"}]
     slim = observed.slim_job(full)
-    assert slim["spec"] == {"suspend": True, "backoffLimit": 2}  # and activeDeadlineSeconds
+    assert slim["spec"] == {  # and activeDeadlineSeconds; not the pod template
+        "suspend": True,
+        "backoffLimit": 2,
+        "podFailurePolicy": full["spec"]["podFailurePolicy"],  # status.py reads which fail it
+    }
     assert "managedFields" not in slim["metadata"]
     assert slim["status"] == full["status"]
     assert observed.owned_by(slim, UID)

@@ -267,6 +267,62 @@ def test_permanent_exit_code_reports_the_first_line_of_the_termination_message(c
     assert result.message == "train.jsonl line 3: record has no 'messages' field"
 
 
+@pytest.mark.parametrize("code", sorted(exitcodes.PERMANENT))
+def test_a_permanent_exit_is_failed_at_once_not_retrying_until_the_job_controller_says_so(
+    code: int,
+) -> None:
+    # The trainer's pod has failed; the Job controller has not yet applied the Job's FailJob
+    # rule (its Failed condition comes a moment later, seen on the real cluster: ~1 s).
+    line = "data error: train.jsonl line 2: messages must contain at least one assistant message"
+    pods = [terminated_pod(code, message=f"{line}\nmore")]
+    result, patch = evaluate(served(), job(active=0), pods)
+    assert (result.phase, result.reason) == ("Failed", exitcodes.REASONS[code])
+    assert result.message == line
+    assert patch["completionTime"] == T2  # when the trainer exited
+    # Then the Job's own condition: the same status, nothing to patch, no second Event.
+    condition = f"Container trainer for pod x failed with exit code {code} matching FailJob"
+    later = failed_job("PodFailurePolicy", condition)
+    again, patch_again = evaluate(applied(served(), patch), later, pods, now=LATER)
+    assert (again.phase, again.reason, again.message) == (result.phase, result.reason, line)
+    assert patch_again == {}
+
+
+def test_a_disrupted_pod_is_retried_whatever_its_exit_code() -> None:
+    # The Job's first rule ignores a pod with DisruptionTarget (preemption, eviction): the
+    # controller replaces it without counting it, even when the trainer exited with a
+    # permanent code, so the status must not call it failed.
+    disrupted = terminated_pod(exitcodes.DATA_ERROR, message="data error: ...")
+    disrupted["status"]["conditions"] = [
+        {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}
+    ]
+    result = verdict(served(), job(active=0), [disrupted])
+    assert (result.phase, result.reason) == ("Pending", "Retrying")
+
+
+@pytest.mark.parametrize(
+    ("rule", "container", "code", "action"),
+    [
+        ({"operator": "In", "values": [65]}, "trainer", 65, "FailJob"),
+        ({"operator": "In", "values": [65]}, "trainer", 1, None),
+        ({"operator": "NotIn", "values": [65]}, "trainer", 1, "FailJob"),
+        ({"operator": "NotIn", "values": [65]}, "trainer", 0, None),  # exit 0 never matches
+        ({"operator": "In", "values": [65], "containerName": "trainer"}, "sidecar", 65, None),
+        ({"operator": "In", "values": [65], "containerName": "trainer"}, "trainer", 65, "FailJob"),
+    ],
+)
+def test_pod_failure_policy_rules_match_as_the_job_controller_matches_them(
+    rule: Obj, container: str, code: int, action: str | None
+) -> None:
+    failed = terminated_pod(code)
+    failed["status"]["containerStatuses"][0]["name"] = container
+    policy = {"rules": [{"action": "FailJob", "onExitCodes": rule}]}
+    assert status.pod_failure_action(policy, failed) == action
+    # An init container's exit code is matched too; no policy matches nothing.
+    init = {"status": {"initContainerStatuses": failed["status"]["containerStatuses"]}}
+    assert status.pod_failure_action(policy, init) == action
+    assert status.pod_failure_action(None, failed) is None
+
+
 def test_permanent_exit_code_without_message_still_says_what_happened() -> None:
     failed = failed_job("PodFailurePolicy", "matching FailJob rule")
     result = verdict(served(), failed, [terminated_pod(exitcodes.CONFIG_ERROR)])
@@ -676,14 +732,20 @@ def test_a_gang_runs_when_every_pod_runs_and_says_how_many_processes() -> None:
 
 def test_a_gang_names_the_pod_that_failed_not_the_peers_that_lost_it() -> None:
     ftj = served(**GANG)
-    oom = gang_pod(1, terminated_pod(exitcodes.OUT_OF_MEMORY, message="out of host memory: ..."))
+    line = "storage unreachable: cannot reach the S3 endpoint http://minio:9"
+    down = gang_pod(1, terminated_pod(exitcodes.STORAGE_UNREACHABLE, message=line))
     lost = gang_pod(0, terminated_pod(exitcodes.PEER_LOST, message="a peer process is gone"),
                     created=T1)  # fmt: skip
-    result = verdict(ftj, job(failed=1, active=0), [oom, lost])
+    result = verdict(ftj, job(failed=1, active=0), [down, lost])
     assert (result.phase, result.reason) == ("Pending", "Retrying")
-    assert oom["metadata"]["name"] in result.message
-    assert "exit code 80: out of host memory" in result.message
+    assert down["metadata"]["name"] in result.message
+    assert f"exit code 75: {line}" in result.message
     assert "the 2 pods restart together" in result.message
+    # A permanent exit fails the gang at once, whatever its peers did.
+    oom = gang_pod(1, terminated_pod(exitcodes.OUT_OF_MEMORY, message="out of host memory: ..."))
+    result = verdict(ftj, job(failed=1, active=0), [oom, lost])
+    assert (result.phase, result.reason) == ("Failed", "OutOfMemory")
+    assert result.message == "out of host memory: ..."
     # Out of retries: the reason is the root failure's, not PeerLost's.
     crash = gang_pod(
         1, terminated_pod(1, message="Traceback (most recent call last):\nKeyError: 'x'")
