@@ -216,11 +216,11 @@ def test_first_five_errors_are_listed_in_file_order(write_file: WriteFile) -> No
     assert "7 invalid record(s)" in message
     listed = [line.strip() for line in message.splitlines()[1:]]
     assert listed == [
-        "train.jsonl line 2: text must not be empty",
-        "train.jsonl line 3: text must not be empty",
-        "train.jsonl line 4: text must not be empty",
-        "train.jsonl line 5: text must not be empty",
-        "train.jsonl line 6: text must not be empty",
+        "train.jsonl line 2: text must not be empty;",
+        "train.jsonl line 3: text must not be empty;",
+        "train.jsonl line 4: text must not be empty;",
+        "train.jsonl line 5: text must not be empty;",
+        "train.jsonl line 6: text must not be empty;",
         "... and 2 more",
     ]
 

@@ -504,6 +504,11 @@ def test_dataset_errors_point_at_file_and_line(tmp_path: Path) -> None:
     code, message = classify(info.value)
     assert code == exitcodes.DATA_ERROR
     assert "train.jsonl line 2: prompt must be a string" in one_line(message)
+    # Several bad records stay apart in the one-line termination message (status.message).
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 1}\n{"completion": "c"}\n')
+    with pytest.raises(DatasetError) as info:
+        load_records(path)
+    assert "(got number); train.jsonl line 3: prompt is" in one_line(classify(info.value)[1])
 
 
 def test_only_rank_zero_logs_progress_under_torchrun(capsys: pytest.CaptureFixture[str]) -> None:

@@ -444,9 +444,11 @@ class _Validator:
             else:
                 self._check(held)
         if self.error_count:
-            shown = "\n  ".join(self.errors)
+            # One record per line in the log; the semicolons keep them apart in the one-line
+            # termination message (and so in status.message), which collapses line breaks.
+            shown = ";\n  ".join(self.errors)
             more = self.error_count - len(self.errors)
-            tail = f"\n  ... and {more} more" if more else ""
+            tail = f";\n  ... and {more} more" if more else ""
             raise DatasetError(f"{path}: {self.error_count} invalid record(s):\n  {shown}{tail}")
         if self.first is None:
             raise DatasetError(f"{path}: the dataset is empty (no records)")
